@@ -1,0 +1,191 @@
+"""The one place where every weight file of anomalens is resolved.
+
+A weight source is one of:
+
+* a local file path (``/models/mobilenet_v2.safetensors``, ``~/ckpt.pth``);
+* an ``http(s)://`` URL, downloaded once into the cache folder;
+* an ``hf-hub:ORG/REPO/FILE`` id (``hf-hub:ORG/REPO`` alone means ``open_clip_model.safetensors``),
+  fetched with ``huggingface_hub`` into the cache;
+* a name from the catalogue (``anomalens weights list``): a short alias that maps to one of the above.
+
+Offline mode (``ANOMALENS_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``) never
+touches the network: a source that is not on disk and not cached fails with an error that names
+the file, the cache folder and the command that fetches it on a connected machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "WeightNotAvailableError",
+    "WeightSpec",
+    "cache_dir",
+    "is_offline",
+    "resolve_weights",
+]
+
+
+class WeightNotAvailableError(FileNotFoundError):
+    """A weight file is neither on disk nor in the cache and cannot be fetched."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A named weight in the catalogue.
+
+    Attributes:
+        name: short alias (``anomalens weights download NAME``).
+        source: URL or ``hf-hub:`` id.
+        filename: file name in the cache folder.
+        sha256: expected digest (checked after download when given).
+        description: one line for ``anomalens weights list``.
+    """
+
+    name: str
+    source: str
+    filename: str
+    sha256: str | None = None
+    description: str = ""
+
+
+def is_offline() -> bool:
+    """True when any of the usual offline switches is set."""
+    for var in ("ANOMALENS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    return False
+
+
+def cache_dir() -> Path:
+    """Cache folder: ``$ANOMALENS_CACHE`` or ``$XDG_CACHE_HOME/anomalens`` (``~/.cache/anomalens``)."""
+    env = os.environ.get("ANOMALENS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "anomalens"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _not_available(what: str, cached: Path, reason: str) -> WeightNotAvailableError:
+    return WeightNotAvailableError(
+        f"weights {what!r} are not available: {reason}. Looked for {cached} "
+        f"(cache folder {cached.parent}, set ANOMALENS_CACHE to change it). On a machine with "
+        f"internet run `anomalens weights download {what} --to DIR`, copy DIR here (or "
+        "`anomalens weights pack DIR --out bundle.tar` / `anomalens weights unpack bundle.tar`), "
+        "or pass a local file path instead."
+    )
+
+
+def _download_url(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310
+            shutil.copyfileobj(r, f)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _split_hf(source: str) -> tuple[str, str]:
+    rest = source[len("hf-hub:") :].strip("/")
+    parts = rest.split("/")
+    if len(parts) < 2:
+        raise ValueError(f"hf-hub id must be hf-hub:ORG/REPO[/FILE], got {source!r}")
+    repo = "/".join(parts[:2])
+    filename = "/".join(parts[2:]) or "open_clip_model.safetensors"
+    return repo, filename
+
+
+def _catalogue() -> dict[str, WeightSpec]:
+    from anomalens.backbones.catalogue import WEIGHTS
+
+    return {w.name: w for w in WEIGHTS}
+
+
+def resolve_weights(
+    source: str | os.PathLike[str],
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    offline: bool | None = None,
+) -> Path:
+    """Return a local path for ``source``, downloading into the cache when allowed.
+
+    Args:
+        source: local path, URL, ``hf-hub:`` id or catalogue name (see module doc).
+        cache: cache folder (default ``cache_dir()``).
+        offline: force offline (default: from the environment).
+
+    Raises:
+        WeightNotAvailableError: not on disk, not cached, and offline or the fetch failed.
+    """
+    offline = is_offline() if offline is None else offline
+    cache_path = Path(cache).expanduser() if cache is not None else cache_dir()
+    src = os.fspath(source)
+    sha: str | None = None
+    name = src
+
+    catalogue = _catalogue()
+    if src in catalogue:
+        spec = catalogue[src]
+        src, sha = spec.source, spec.sha256
+        cached = cache_path / spec.filename
+    elif src.startswith("hf-hub:"):
+        repo, filename = _split_hf(src)
+        cached = cache_path / "hf" / repo.replace("/", "--") / filename
+    elif src.startswith(("http://", "https://")):
+        fname = Path(urllib.parse.urlparse(src).path).name or "weights.bin"
+        cached = cache_path / "url" / hashlib.sha1(src.encode()).hexdigest()[:12] / fname
+    else:
+        path = Path(src).expanduser()
+        if path.is_file():
+            return path
+        # a bare file name may already sit in the cache folder (e.g. after `weights unpack`)
+        if path.name == src and (cache_path / src).is_file():
+            return cache_path / src
+        raise WeightNotAvailableError(
+            f"weights file {path} does not exist (also looked in the cache folder {cache_path}). "
+            "Pass the path of a downloaded checkpoint, or a name from `anomalens weights list`."
+        )
+
+    if cached.is_file():
+        return cached
+    if offline:
+        raise _not_available(name, cached, "offline mode is on and the file is not cached")
+    try:
+        if src.startswith("hf-hub:"):
+            try:
+                from huggingface_hub import hf_hub_download
+            except ImportError as exc:  # pragma: no cover - depends on the environment
+                raise _not_available(name, cached, "huggingface_hub is not installed") from exc
+            repo, filename = _split_hf(src)
+            got = Path(hf_hub_download(repo, filename))
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(got, cached)
+        else:
+            _download_url(src, cached)
+    except WeightNotAvailableError:
+        raise
+    except Exception as exc:
+        raise _not_available(name, cached, f"download failed ({exc})") from exc
+    if sha is not None and _sha256(cached) != sha:
+        cached.unlink()
+        raise _not_available(name, cached, "downloaded file has the wrong sha256")
+    return cached
