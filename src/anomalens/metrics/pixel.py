@@ -1,0 +1,581 @@
+"""Category-level pixel metrics (AUROC, AP, F1-max, AUPRO) with a streaming accumulator.
+
+All pixels of all test images of one category are pooled into one binary problem (normal
+images included). Maps and masks arrive in batches through
+:meth:`PixelMetricAccumulator.update`, so a whole benchmark never has to be held as maps.
+
+Modes:
+    ``exact``: keeps the normal-pixel scores (in their own float dtype, at least float32,
+        never quantised) and, for the few anomalous pixels, the score and a region id.
+        ``compute`` sorts the normal scores once in place and locates every distinct
+        anomalous score in them (``searchsorted``): results are exact, ties included.
+        Memory: about 4 bytes per pixel for float32 maps.
+    ``binned``: keeps three histograms on a uniform grid of ``num_bins`` bins: all pixels,
+        anomalous pixels, and the sum of ``1/|R_k|`` over anomalous pixels (what AUPRO
+        needs, since every region is complete inside one image). Scores in one bin count as
+        tied. The grid is taken from ``score_range`` or from the first batch's min/max and
+        grows when later scores fall outside, by doubling the bin width and merging pairs of
+        bins on an aligned grid, so that histograms stay exactly those of the final grid.
+        The observed score range always spans more than ``(num_bins - 1) / 2`` bins.
+
+Regions for AUPRO are the 8-connected components of each image's mask (components of
+different images are never merged). Undefined metrics (single class, no region) are NaN
+with an :class:`~anomalens.metrics._curves.UndefinedMetricWarning`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from anomalens.metrics._curves import (
+    RankSummary,
+    UndefinedMetricWarning,
+    ap_from_summary,
+    aupro_from_summary,
+    auroc_from_summary,
+    binning_error_bounds,
+    f1max_from_summary,
+    summary_from_histograms,
+    summary_from_sorted,
+    undefined,
+)
+from anomalens.metrics.image import as_labels, as_scores
+
+__all__ = [
+    "PixelMetricAccumulator",
+    "UndefinedMetricWarning",
+    "aupro",
+    "label_regions",
+    "pixel_metrics",
+]
+
+Mode = Literal["exact", "binned"]
+AuproVariant = Literal["exact", "cflow200"]
+
+# 8-connectivity inside each image (middle plane), no connection across the batch axis.
+_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
+_STRUCTURE[1] = True
+_FINE_LIMIT = 1 << 62
+_CHUNK = 1 << 17  # elements per cache-sized chunk when binning
+
+
+def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Label the 8-connected components of every mask separately.
+
+    Args:
+        masks: (B, H, W) bool ground-truth masks.
+
+    Returns:
+        labels (B, H, W) int32 with 0 = background and 1..n the components, numbered
+        consecutively over the batch (a component never spans two images), and n.
+    """
+    masks = as_labels(masks, "masks")
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (B, H, W), got shape {masks.shape}")
+    labels, n = ndimage.label(masks, structure=_STRUCTURE)
+    return labels, int(n)
+
+
+def _anomalous_pixels(
+    maps: np.ndarray, masks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores and region sizes of the anomalous pixels, labelling each mask on its bounding box.
+
+    Args:
+        maps: (B, H, W) scores.
+        masks: (B, H, W) bool.
+
+    Returns:
+        scores (M,) of the anomalous pixels, their region index (M,) int64 in 0..n-1 (regions
+        numbered over the batch, 8-connected, never across images), and sizes (n,) int64.
+    """
+    scores, regions, sizes = [], [], []
+    n = 0
+    for i in np.flatnonzero(masks.any(axis=(1, 2))):
+        rows = np.flatnonzero(masks[i].any(axis=1))
+        cols = np.flatnonzero(masks[i].any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        sub = masks[i][box]
+        labels, k = ndimage.label(sub, structure=_STRUCTURE[1])
+        lab = labels[sub].astype(np.int64)
+        scores.append(maps[i][box][sub])
+        regions.append(lab + (n - 1))
+        sizes.append(np.bincount(lab, minlength=k + 1)[1:])
+        n += int(k)
+    if not scores:
+        return np.zeros(0, maps.dtype), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(scores), np.concatenate(regions), np.concatenate(sizes)
+
+
+def _sort_with_ids(values: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort ``values`` ascending and carry ``ids`` along.
+
+    float32 values with ids < 2**32 are packed into one uint64 key (order-preserving bit
+    map of the float in the high word) and sorted directly, much faster than an argsort.
+
+    Args:
+        values: (M,) float scores (no NaN).
+        ids: (M,) non-negative integer ids.
+
+    Returns:
+        sorted values (M,) and the ids in the same order (M,) int64.
+    """
+    if values.dtype == np.float32 and (ids.size == 0 or int(ids.max()) < 2**32):
+        bits = values.view(np.uint32).astype(np.uint64)
+        negative = bits >= 0x80000000
+        bits[negative] ^= 0xFFFFFFFF  # negative floats: reverse their order
+        bits[~negative] |= 0x80000000  # non-negative floats above every negative one
+        key = (bits << np.uint64(32)) | ids.astype(np.uint64)
+        del bits, negative
+        key.sort()
+        out_ids = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        high = (key >> np.uint64(32)).astype(np.uint32)
+        del key
+        negative = high < 0x80000000
+        high[negative] ^= 0xFFFFFFFF
+        high[~negative] &= 0x7FFFFFFF
+        return high.view(np.float32), out_ids
+    order = np.argsort(values, kind="stable")
+    return values[order], ids[order].astype(np.int64)
+
+
+def _as_batch(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    maps = as_scores(maps, "maps", check_nan=False)  # NaN is caught by the min/max in update
+    masks = as_labels(masks, "masks")
+    if maps.ndim == 2:
+        maps = maps[None]
+    if masks.ndim == 2:
+        masks = masks[None]
+    if maps.ndim != 3 or maps.shape != masks.shape:
+        raise ValueError(
+            f"maps and masks must both be (B, H, W) of the same shape, got {maps.shape} and "
+            f"{masks.shape}"
+        )
+    return maps, masks
+
+
+class _GrowingArray:
+    """A 1-D array that grows in place (``ndarray.resize``: realloc, no second copy)."""
+
+    def __init__(self) -> None:
+        self.data = np.empty(0, dtype=np.float32)
+        self.size = 0
+
+    def astype(self, dtype: np.dtype) -> None:
+        """Widen the stored dtype (lossless widening only happens here)."""
+        if self.data.dtype != dtype:
+            self.data = self.data[: self.size].astype(dtype)
+
+    def append(self, values: np.ndarray) -> None:
+        """Append (M,) values, widening the dtype if needed."""
+        self.astype(np.result_type(self.data.dtype, values.dtype))
+        need = self.size + values.size
+        if need > self.data.size:
+            self.data.resize(max(need, self.data.size + self.data.size // 4), refcheck=False)
+        self.data[self.size : need] = values
+        self.size = need
+
+    def trim(self) -> None:
+        """Release the spare capacity."""
+        if self.data.size != self.size:
+            self.data.resize(self.size, refcheck=False)
+
+    def view(self) -> np.ndarray:
+        """(size,) view of the stored values."""
+        return self.data[: self.size]
+
+
+class PixelMetricAccumulator:
+    """Streaming category-level pixel metrics.
+
+    Example:
+        >>> acc = PixelMetricAccumulator(mode="exact")
+        >>> for maps, masks in batches:  # (B, H, W) float, (B, H, W) bool
+        ...     acc.update(maps, masks)
+        >>> acc.compute()  # {"pixel_auroc": ..., "pixel_ap": ..., ...}
+
+    Args:
+        mode: ``"exact"`` (sort-based, exact) or ``"binned"`` (histograms, bounded memory).
+        num_bins: grid size of the binned mode (default 2**20).
+        score_range: optional ``(lo, hi)`` for the binned grid; scores outside still count
+            (the grid grows). Without it the first batch's min/max is used.
+        fpr_limit: FPR integration limit of AUPRO (default 0.3).
+        aupro_variant: ``"exact"`` (default) or ``"cflow200"`` (200 thresholds uniform in
+            score value, FPR < limit kept and min-max rescaled; the MuSc / AnomalyCLIP /
+            AdaptCLIP-CPU convention). ``cflow200`` needs ``mode="exact"``.
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "exact",
+        *,
+        num_bins: int = 1 << 20,
+        score_range: tuple[float, float] | None = None,
+        fpr_limit: float = 0.3,
+        aupro_variant: AuproVariant = "exact",
+    ) -> None:
+        if mode not in ("exact", "binned"):
+            raise ValueError(f"mode must be 'exact' or 'binned', got {mode!r}")
+        if aupro_variant not in ("exact", "cflow200"):
+            raise ValueError(f"aupro_variant must be 'exact' or 'cflow200', got {aupro_variant!r}")
+        if aupro_variant == "cflow200" and mode != "exact":
+            raise ValueError(
+                "aupro_variant='cflow200' thresholds raw score values: use mode='exact'"
+            )
+        if not 0.0 < fpr_limit <= 1.0:
+            raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        if int(num_bins) < 2:
+            raise ValueError(f"num_bins must be >= 2, got {num_bins}")
+        if score_range is not None:
+            lo, hi = float(score_range[0]), float(score_range[1])
+            if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise ValueError(
+                    f"score_range must be finite (lo, hi) with hi > lo, got {score_range}"
+                )
+        self.mode: Mode = mode
+        self.num_bins = int(num_bins)
+        self.score_range = score_range
+        self.fpr_limit = float(fpr_limit)
+        self.aupro_variant: AuproVariant = aupro_variant
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every update."""
+        self.num_regions = 0
+        self.num_pixels = 0
+        self._min: np.generic | None = None
+        self._max: np.generic | None = None
+        # exact mode
+        self._neg = _GrowingArray()
+        self._neg_sorted = True
+        self._pos: list[np.ndarray] = []
+        self._pos_region: list[np.ndarray] = []
+        self._region_size: list[np.ndarray] = []
+        # binned mode: grid = fine index floor((x - origin) / width); bin = (fine - F) >> d
+        self._grid_dtype = np.dtype(np.float64)
+        self._origin: np.floating = np.float64(0.0)
+        self._width: np.floating = np.float64(1.0)
+        self._offset = 0
+        self._shift = 0
+        self._grid = False
+        self._seen_lo: int | None = None
+        self._seen_hi: int | None = None
+        self._all_hist = np.zeros(0, dtype=np.int64)
+        self._pos_hist = np.zeros(0, dtype=np.int64)
+        self._region_hist = np.zeros(0, dtype=np.float64)
+        self._pending: tuple[float, int, int, float] | None = None  # constant scores so far
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the accumulator's arrays."""
+        arrays = [self._neg.data, *self._pos, *self._pos_region, *self._region_size]
+        arrays += [self._all_hist, self._pos_hist, self._region_hist]
+        return int(sum(a.nbytes for a in arrays))
+
+    # ----------------------------------------------------------------- update
+    def update(self, maps: np.ndarray, masks: np.ndarray) -> None:
+        """Add a batch.
+
+        Args:
+            maps: (B, H, W) or (H, W) anomaly maps, float (float16 is widened; NaN raises).
+            masks: same shape, bool ground truth (numbers ``> 0`` are anomalous).
+        """
+        maps, masks = _as_batch(maps, masks)
+        if maps.size == 0:
+            return
+        lo, hi = maps.min(), maps.max()
+        if np.isnan(lo) or np.isnan(hi):
+            raise ValueError("maps contain NaN; replace them before computing metrics")
+        self._min = lo if self._min is None else min(self._min, lo)
+        self._max = hi if self._max is None else max(self._max, hi)
+        flat = maps.reshape(-1)
+        mflat = masks.reshape(-1)
+        pos_scores, pos_region, sizes = _anomalous_pixels(maps, masks)
+        if self.mode == "exact":
+            self._neg.append(flat[~mflat] if pos_scores.size else flat)
+            self._neg_sorted = False
+            if sizes.size:
+                ids = pos_region + self.num_regions
+                self._pos.append(pos_scores)
+                self._pos_region.append(ids.astype(np.int32 if ids.max() < 2**31 else np.int64))
+                self._region_size.append(sizes)
+        else:
+            pos_w = 1.0 / sizes.astype(np.float64)
+            self._update_binned(flat, pos_scores, pos_w[pos_region], float(lo), float(hi))
+        self.num_regions += int(sizes.size)
+        self.num_pixels += flat.size
+
+    def _update_binned(
+        self, flat: np.ndarray, pos_scores: np.ndarray, pos_w: np.ndarray, lo: float, hi: float
+    ) -> None:
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(
+                "binned mode needs finite scores; use mode='exact' for infinite scores"
+            )
+        if not self._grid and self.score_range is not None:
+            self._init_grid(float(self.score_range[0]), float(self.score_range[1]), flat.dtype)
+        if not self._grid:
+            if self._pending is not None:
+                lo, hi = min(lo, self._pending[0]), max(hi, self._pending[0])
+            if lo == hi:  # still a single score value: keep plain counts until a range appears
+                prev = self._pending or (lo, 0, 0, 0.0)
+                n_pos = pos_scores.size
+                self._pending = (
+                    lo,
+                    prev[1] + flat.size - n_pos,
+                    prev[2] + n_pos,
+                    prev[3] + float(pos_w.sum()),
+                )
+                return
+            self._init_grid(lo, hi, flat.dtype)
+            if self._pending is not None:
+                value, n_neg, n_pos, w = self._pending
+                self._pending = None
+                f = self._fine(np.array([value]), check=True)
+                self._cover(int(f[0]), int(f[0]))
+                b = int(self._bins(f)[0])
+                self._all_hist[b] += n_neg + n_pos
+                self._pos_hist[b] += n_pos
+                self._region_hist[b] += w
+        f_lo, f_hi = (int(v) for v in self._fine(np.array([lo, hi]), check=True))
+        self._cover(f_lo, f_hi)
+        nb = self.num_bins
+        self._all_hist += np.bincount(self._fine(flat, to_bins=True), minlength=nb)
+        if pos_scores.size:
+            pos_bins = self._fine(pos_scores, to_bins=True)
+            self._pos_hist += np.bincount(pos_bins, minlength=nb)
+            self._region_hist += np.bincount(pos_bins, weights=pos_w, minlength=nb)
+
+    def _init_grid(self, lo: float, hi: float, data_dtype: np.dtype) -> None:
+        """Fix the grid: bins of width (hi - lo) / (num_bins - 1) from lo.
+
+        Bin indices are computed in float32 for float32 maps (twice as fast; still monotone,
+        and the float32 rounding of a bin edge is far below the bin width) else in float64.
+        """
+        nb = self.num_bins
+        width = (hi - lo) / (nb - 1)  # lo -> bin 0, hi -> bin nb - 1 (up to one ulp)
+        if not (np.isfinite(width) and width > 0.0):
+            raise ValueError(f"cannot build a binned grid over the score range [{lo}, {hi}]")
+        dtype = np.dtype(np.float32 if data_dtype == np.float32 else np.float64)
+        if dtype == np.float32 and not (
+            np.float32(width) > np.finfo(np.float32).tiny and np.isfinite(np.float32(lo))
+        ):
+            dtype = np.dtype(np.float64)
+        self._grid_dtype = dtype
+        self._origin, self._width = dtype.type(lo), dtype.type(width)
+        self._offset, self._shift = 0, 0
+        self._seen_lo, self._seen_hi = None, None
+        self._grid = True
+        self._all_hist = np.zeros(nb, dtype=np.int64)
+        self._pos_hist = np.zeros(nb, dtype=np.int64)
+        self._region_hist = np.zeros(nb, dtype=np.float64)
+
+    def _fine(self, x: np.ndarray, check: bool = False, to_bins: bool = False) -> np.ndarray:
+        """Fine grid index ``floor((x - origin) / width)`` (monotone in x), (M,) intp.
+
+        Computed in float64 over cache-sized chunks. ``check`` guards against indices that
+        would overflow (callers check the batch min/max; monotonicity covers the rest);
+        ``to_bins`` returns the current bins ``(fine - offset) >> shift`` instead.
+        """
+        x = np.asarray(x).reshape(-1)
+        out = np.empty(x.size, dtype=np.intp)
+        step = max(1, min(x.size, _CHUNK))
+        dtype = self._grid_dtype
+        buf = np.empty(step, dtype=dtype)
+        for start in range(0, x.size, step):
+            t = buf[: min(step, x.size - start)]
+            chunk = x[start : start + t.size]
+            np.subtract(chunk, self._origin, out=t, dtype=dtype, casting="same_kind")
+            t /= self._width
+            np.floor(t, out=t)
+            if check and (t.min() <= -_FINE_LIMIT or t.max() >= _FINE_LIMIT):
+                raise ValueError(
+                    "scores span too many orders of magnitude for the binned grid; pass "
+                    "score_range=(lo, hi) or use mode='exact'"
+                )
+            o = out[start : start + t.size]
+            np.copyto(o, t, casting="unsafe")
+            if to_bins:
+                self._bins(o)
+        return out
+
+    def _bins(self, fine: np.ndarray) -> np.ndarray:
+        """Current bin of fine indices (in place): ``(fine - offset) >> shift``."""
+        fine -= self._offset
+        fine >>= self._shift
+        return fine
+
+    def _cover(self, f_lo: int, f_hi: int) -> None:
+        """Grow the grid (aligned doubling) until fine indices [f_lo, f_hi] are covered."""
+        nb = self.num_bins
+        lo = f_lo if self._seen_lo is None else min(f_lo, self._seen_lo)
+        hi = f_hi if self._seen_hi is None else max(f_hi, self._seen_hi)
+        self._seen_lo, self._seen_hi = lo, hi
+        offset, shift = self._offset, self._shift
+        if lo >= offset and hi < offset + (nb << shift):
+            return
+        new_shift = shift + 1
+        while True:
+            slack = (nb << new_shift) - (hi - lo + 1)
+            if slack >= 0:
+                start = lo - slack // 2
+                new_offset = offset + (((start - offset) >> shift) << shift)
+                if new_offset <= lo and hi < new_offset + (nb << new_shift):
+                    break
+            new_shift += 1
+        old_bins = np.arange(nb, dtype=np.int64)
+        target = ((old_bins << shift) + (offset - new_offset)) >> new_shift
+        self._all_hist = np.rint(np.bincount(target, weights=self._all_hist, minlength=nb)).astype(
+            np.int64
+        )
+        self._pos_hist = np.rint(np.bincount(target, weights=self._pos_hist, minlength=nb)).astype(
+            np.int64
+        )
+        self._region_hist = np.bincount(target, weights=self._region_hist, minlength=nb)
+        self._offset, self._shift = new_offset, new_shift
+
+    # ---------------------------------------------------------------- compute
+    def _consolidate(self) -> None:
+        """Exact mode: one sorted normal-score array, one anomalous array (in place)."""
+        dtype = np.result_type(self._neg.data.dtype, *(a.dtype for a in self._pos))
+        self._neg.astype(dtype)
+        if not self._neg_sorted:
+            self._neg.trim()
+            self._neg.view().sort()  # in place: no second copy of the largest array
+            self._neg_sorted = True
+        for name in ("_pos", "_pos_region", "_region_size"):
+            chunks = getattr(self, name)
+            if len(chunks) > 1:
+                setattr(self, name, [np.concatenate(chunks)])
+        if self._pos and self._pos[0].dtype != dtype:
+            self._pos = [self._pos[0].astype(dtype)]
+
+    def _exact_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Sorted negatives, distinct anomalous values (asc), their counts and 1/|R| sums."""
+        self._consolidate()
+        neg = self._neg.view()
+        if not self._pos:
+            empty = np.zeros(0, dtype=neg.dtype)
+            return neg, empty, np.zeros(0, np.int64), np.zeros(0, np.float64)
+        pos_sorted, region = _sort_with_ids(self._pos[0], self._pos_region[0])
+        inv_size = 1.0 / self._region_size[0].astype(np.float64)
+        weight = inv_size[region]
+        del region
+        starts = np.flatnonzero(np.concatenate(([True], pos_sorted[1:] != pos_sorted[:-1])))
+        values = pos_sorted[starts]
+        counts = np.diff(np.append(starts, pos_sorted.size))
+        weight_sum = np.add.reduceat(weight, starts)
+        return neg, values, counts, weight_sum
+
+    def summary(self) -> RankSummary:
+        """Tie-aware rank summary of everything seen so far (see ``_curves.RankSummary``)."""
+        if self.mode == "exact":
+            neg, values, counts, weight_sum = self._exact_parts()
+            return summary_from_sorted(neg, values, counts, weight_sum, self.num_regions)
+        if not self._grid:
+            _, n_neg, n_pos, w = self._pending or (0.0, 0, 0, 0.0)
+            return summary_from_histograms(
+                np.array([n_neg]), np.array([n_pos]), np.array([w]), self.num_regions
+            )
+        return summary_from_histograms(
+            self._all_hist - self._pos_hist, self._pos_hist, self._region_hist, self.num_regions
+        )
+
+    def error_bounds(self) -> dict[str, float]:
+        """Guaranteed bounds on |binned - exact| per pixel metric (zeros in exact mode).
+
+        Computed from the histograms alone (see ``_curves.binning_error_bounds``); the
+        AUPRO bound is for ``aupro_variant="exact"``.
+        """
+        if self.mode == "exact":
+            return dict.fromkeys(("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"), 0.0)
+        return binning_error_bounds(self.summary(), self.fpr_limit)
+
+    def _aupro_cflow200(self, steps: int = 200) -> float:
+        neg, values, _, weight_sum = self._exact_parts()
+        if self.num_regions == 0:
+            return undefined("pixel AUPRO (cflow200)", "no anomalous region in the masks")
+        if neg.size == 0:
+            return undefined("pixel AUPRO (cflow200)", "no normal pixel")
+        lo, hi = self._min, self._max
+        delta = (hi - lo) / steps
+        if not delta > 0:
+            return undefined("pixel AUPRO (cflow200)", "all map values are equal")
+        thresholds = np.arange(lo, hi, delta)
+        fpr = (neg.size - np.searchsorted(neg, thresholds, side="right")) / neg.size
+        weight_above = np.append(np.cumsum(weight_sum[::-1])[::-1], 0.0)
+        pro = weight_above[np.searchsorted(values, thresholds, side="right")] / self.num_regions
+        keep = fpr < self.fpr_limit
+        fpr, pro = fpr[keep][::-1], pro[keep][::-1]  # ascending FPR
+        if fpr.size < 2 or fpr[-1] == fpr[0]:
+            return undefined(
+                "pixel AUPRO (cflow200)", "fewer than two distinct FPRs below the limit"
+            )
+        fpr = (fpr - fpr[0]) / (fpr[-1] - fpr[0])
+        return float(np.sum(np.diff(fpr) * (pro[1:] + pro[:-1])) / 2.0)
+
+    def aupro(self) -> float:
+        """AUPRO of everything seen so far, in the configured variant."""
+        if self.aupro_variant == "cflow200":
+            return self._aupro_cflow200()
+        return aupro_from_summary(self.summary(), self.fpr_limit, "pixel AUPRO")
+
+    def compute(self) -> dict[str, float]:
+        """Return ``pixel_auroc``, ``pixel_ap``, ``pixel_f1max`` and ``pixel_aupro``."""
+        s = self.summary()
+        if self.aupro_variant == "cflow200":
+            pro = self._aupro_cflow200()
+        else:
+            pro = aupro_from_summary(s, self.fpr_limit, "pixel AUPRO")
+        return {
+            "pixel_auroc": auroc_from_summary(s, "pixel AUROC"),
+            "pixel_ap": ap_from_summary(s, "pixel AP"),
+            "pixel_f1max": f1max_from_summary(s, "pixel F1-max"),
+            "pixel_aupro": pro,
+        }
+
+
+def pixel_metrics(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    mode: Mode = "exact",
+    **kwargs: object,
+) -> dict[str, float]:
+    """One-shot pixel metrics of one category.
+
+    Args:
+        maps: (N, H, W) anomaly maps of all test images of the category.
+        masks: (N, H, W) bool ground truth.
+        mode: ``"exact"`` or ``"binned"``.
+        **kwargs: further :class:`PixelMetricAccumulator` options.
+
+    Returns:
+        ``pixel_auroc``, ``pixel_ap``, ``pixel_f1max``, ``pixel_aupro``.
+    """
+    acc = PixelMetricAccumulator(mode, **kwargs)  # type: ignore[arg-type]
+    acc.update(maps, masks)
+    return acc.compute()
+
+
+def aupro(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    fpr_limit: float = 0.3,
+    variant: AuproVariant = "exact",
+) -> float:
+    """Area under the per-region-overlap curve up to ``fpr_limit``, normalised to [0, 1].
+
+    Args:
+        maps: (N, H, W) anomaly maps.
+        masks: (N, H, W) bool ground truth; regions are 8-connected components per image.
+        fpr_limit: FPR integration limit (default 0.3).
+        variant: ``"exact"`` (every distinct threshold, interpolated at the limit, divided
+            by it) or ``"cflow200"`` (legacy 200-threshold variant).
+    """
+    acc = PixelMetricAccumulator("exact", fpr_limit=fpr_limit, aupro_variant=variant)
+    acc.update(maps, masks)
+    return acc.aupro()
