@@ -1,6 +1,11 @@
 """anomalens: universal visual anomaly detection from zero or a few normal images."""
 
-from anomalens.registry import create_detector, get_detector_class, list_detectors, register_detector
+from anomalens.registry import (
+    create_detector,
+    get_detector_class,
+    list_detectors,
+    register_detector,
+)
 from anomalens.types import LearningType, Prediction, Sample
 
 __version__ = "0.1.0"

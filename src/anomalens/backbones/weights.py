@@ -96,7 +96,7 @@ def _download_url(url: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
             shutil.copyfileobj(r, f)
         os.replace(tmp, dest)
     finally:

@@ -1,1 +1,1 @@
-"""anomalens.cli."""
+"""Command-line front end (thin: it calls only the public API)."""

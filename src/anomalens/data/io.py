@@ -10,7 +10,6 @@ import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -29,7 +28,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Largest accepted image, in pixels (default 100 MP; override with ANOMALENS_MAX_PIXELS).
 MAX_PIXELS = int(os.environ.get("ANOMALENS_MAX_PIXELS", 100_000_000))
 
-ImageLike = Union[np.ndarray, Image.Image, str, Path]
+ImageLike = np.ndarray | Image.Image | str | Path
 
 
 class ImageReadError(ValueError):
@@ -56,8 +55,9 @@ def _open(path: str | Path) -> Image.Image:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageReadError(
-                    path, f"{w}x{h} = {w * h} pixels exceeds the limit of {MAX_PIXELS} "
-                    "(set ANOMALENS_MAX_PIXELS to raise it)"
+                    path,
+                    f"{w}x{h} = {w * h} pixels exceeds the limit of {MAX_PIXELS} "
+                    "(set ANOMALENS_MAX_PIXELS to raise it)",
                 )
             img.load()  # force decoding now: truncated files fail here
     except ImageReadError:
@@ -138,8 +138,9 @@ def load_mask(path: str | Path | None, shape: tuple[int, int] | None = None) -> 
     mask = arr > 0
     if shape is not None and mask.shape != tuple(shape):
         raise ImageReadError(
-            path, f"mask size {mask.shape[1]}x{mask.shape[0]} (WxH) does not match the image "
-            f"size {shape[1]}x{shape[0]}"
+            path,
+            f"mask size {mask.shape[1]}x{mask.shape[0]} (WxH) does not match the image "
+            f"size {shape[1]}x{shape[0]}",
         )
     return mask
 
@@ -171,6 +172,8 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         raise NotADirectoryError(f"{folder} is not a folder")
     it: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
     files = sorted(
-        p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        p
+        for p in it
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
     return files

@@ -11,7 +11,7 @@ from PIL import Image
 
 from anomalens.data.io import ImageLike, as_rgb_array
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "resize_mask", "to_batch"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "resize_mask", "to_batch"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

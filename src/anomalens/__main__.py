@@ -1,0 +1,3 @@
+from anomalens.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Weight bundles for machines without internet.
+
+``pack`` turns a folder of weight files into one tar with a ``MANIFEST.json`` (file names, sizes,
+sha256); ``unpack`` checks every file against the manifest and places it in the cache folder,
+where ``resolve_weights`` finds it (by catalogue name, hf-hub id or URL as laid out by
+``anomalens weights download``, or by bare file name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+__all__ = ["BundleError", "pack_weights", "unpack_weights"]
+
+MANIFEST = "MANIFEST.json"
+
+
+class BundleError(ValueError):
+    """A bundle is malformed, tampered with or unsafe."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pack_weights(folder: str | Path, out: str | Path) -> Path:
+    """Pack every file under ``folder`` into the tar ``out`` with a manifest."""
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"weights folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    if not files:
+        raise ValueError(f"weights folder {folder} holds no file to pack")
+    manifest = {
+        "format": "anomalens-weights-bundle/1",
+        "files": [
+            {
+                "path": p.relative_to(folder).as_posix(),
+                "size": p.stat().st_size,
+                "sha256": _sha256(p),
+            }
+            for p in files
+        ],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            data = json.dumps(manifest, indent=2).encode()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            for p in files:
+                tar.add(p, arcname=p.relative_to(folder).as_posix(), recursive=False)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _safe_member(name: str) -> PurePosixPath:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise BundleError(f"unsafe path in bundle: {name!r}")
+    return p
+
+
+def unpack_weights(bundle: str | Path, dest: str | Path) -> list[Path]:
+    """Verify and extract a bundle into ``dest`` (normally the cache folder).
+
+    Raises:
+        BundleError: missing manifest, unsafe member path, link member, size/sha256 mismatch.
+    """
+    bundle, dest = Path(bundle), Path(dest)
+    if not bundle.is_file():
+        raise FileNotFoundError(f"bundle {bundle} does not exist")
+    written: list[Path] = []
+    with tarfile.open(bundle, "r") as tar:
+        try:
+            manifest = json.load(tar.extractfile(MANIFEST))  # type: ignore[arg-type]
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise BundleError(
+                f"{bundle} is not an anomalens weights bundle (no valid {MANIFEST})"
+            ) from exc
+        entries = {e["path"]: e for e in manifest.get("files", [])}
+        with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as td:
+            staged = []
+            for m in tar.getmembers():
+                if m.name == MANIFEST:
+                    continue
+                rel = _safe_member(m.name)
+                if not m.isfile():
+                    raise BundleError(f"bundle member {m.name!r} is not a regular file")
+                if m.name not in entries:
+                    raise BundleError(f"bundle member {m.name!r} is not in the manifest")
+                tmp = Path(td) / rel
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as src, open(tmp, "wb") as dst:  # type: ignore[union-attr]
+                    shutil.copyfileobj(src, dst)
+                e = entries[m.name]
+                if tmp.stat().st_size != e["size"] or _sha256(tmp) != e["sha256"]:
+                    raise BundleError(
+                        f"bundle member {m.name!r} does not match its manifest checksum"
+                    )
+                staged.append((tmp, dest / rel))
+            missing = set(entries) - {str(PurePosixPath(t.relative_to(td))) for t, _ in staged}
+            if missing:
+                raise BundleError(f"bundle lacks files listed in its manifest: {sorted(missing)}")
+            for tmp, final in staged:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(tmp, final)
+                written.append(final)
+    return written

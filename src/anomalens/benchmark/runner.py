@@ -1,0 +1,218 @@
+"""The field's few-shot protocol as a resumable benchmark.
+
+For every category, every k in ``shots`` and every seed, k normal images are drawn from the
+category's ``train`` split (reproducibly from the seed), the detector is fitted on them and the
+whole ``test`` split is scored. Each (category, k, seed) job writes one JSON file atomically under
+``OUT/jobs/``; a rerun skips finished jobs, so a run killed midway loses at most the job in
+progress. Summaries (mean ± std over seeds, category average) are rebuilt from the job files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from anomalens._fileio import atomic_write_json
+from anomalens.benchmark.report import write_reports
+from anomalens.data.io import ImageReadError, load_image, load_mask
+from anomalens.data.registry import get_index, list_categories
+from anomalens.data.sampling import sample_shots
+from anomalens.data.transforms import resize_mask
+from anomalens.detectors.base import Detector
+from anomalens.metrics import PixelMetricAccumulator, image_metrics
+from anomalens.registry import create_detector
+from anomalens.types import LearningType, Sample
+
+__all__ = ["BenchmarkConfig", "evaluate_category", "run_benchmark"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchmarkConfig:
+    """Settings of one benchmark run (written to ``OUT/config.json``).
+
+    Attributes:
+        method: registered detector name.
+        dataset: ``mvtec``, ``visa``, ``btad``, ``mpdd`` or ``folder``.
+        root: dataset root folder.
+        categories: categories to run (None: all found under root).
+        shots: k values; 0 = zero-shot (run once, seed ignored).
+        seeds: seeds of the reference draws.
+        draw_rule: ``without_replacement`` (default) or ``adaptclip`` (torch.randint, official).
+        method_kwargs: options passed to the detector constructor.
+        pixel_mode: ``exact`` or ``binned`` pixel metrics.
+        batch_size: images per predict call.
+        max_test_images: optional cap per category (quick runs; recorded in the results).
+    """
+
+    method: str
+    dataset: str
+    root: str
+    out: str
+    categories: list[str] | None = None
+    shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30])
+    draw_rule: str = "without_replacement"
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    pixel_mode: str = "exact"
+    batch_size: int = 8
+    max_test_images: int | None = None
+
+
+def _subsample(samples: list[Sample], n: int | None) -> list[Sample]:
+    """A fixed, label-stratified subset (every j-th image of each label) for quick runs."""
+    if n is None or len(samples) <= n:
+        return samples
+    idx = np.linspace(0, len(samples) - 1, n).round().astype(int)
+    return [samples[i] for i in sorted(set(idx.tolist()))]
+
+
+def evaluate_category(
+    detector: Detector,
+    test: Sequence[Sample],
+    *,
+    batch_size: int = 8,
+    pixel_mode: str = "exact",
+    progress: bool = False,
+    desc: str = "test",
+) -> dict[str, Any]:
+    """Score a fitted detector on one category's test split and compute all metrics.
+
+    Maps are compared at the detector's working size S; masks are resized with bilinear
+    interpolation and binarised at 0.5 (evaluation.md §4). Unreadable files are skipped
+    and listed under ``errors``.
+    """
+    size = detector.image_size
+    acc = PixelMetricAccumulator(mode=pixel_mode)
+    has_masks = any(s.mask_path is not None for s in test)
+    scores: list[float] = []
+    labels: list[int] = []
+    errors: list[dict[str, str]] = []
+    predict_seconds = 0.0
+    step = len(test) if detector.learning_type is LearningType.BATCH_ZERO_SHOT else batch_size
+    bar = tqdm(total=len(test), desc=desc, unit="img", disable=not progress, leave=False)
+    for i in range(0, len(test), step):
+        chunk = test[i : i + step]
+        imgs, masks, labs = [], [], []
+        for s in chunk:
+            try:
+                im = load_image(s.image_path)
+                mask = load_mask(s.mask_path, shape=im.shape[:2]) if s.mask_path else None
+            except ImageReadError as exc:
+                errors.append({"path": exc.path, "error": exc.reason})
+                continue
+            if mask is None:
+                mask = np.zeros(im.shape[:2], dtype=bool)
+            imgs.append(im)
+            masks.append(resize_mask(mask, size))
+            labs.append(int(s.label))
+        if imgs:
+            t = time.perf_counter()
+            sc, mp = detector.predict(imgs).to_numpy()
+            predict_seconds += time.perf_counter() - t
+            scores.extend(sc.tolist())
+            labels.extend(labs)
+            if has_masks:
+                acc.update(mp, np.stack(masks))
+        bar.update(len(chunk))
+    bar.close()
+    if not scores:
+        raise ValueError("no test image of the category could be read")
+    metrics: dict[str, Any] = image_metrics(np.asarray(scores), np.asarray(labels))
+    if has_masks:
+        metrics.update(acc.compute())
+    metrics["num_test_images"] = len(scores)
+    metrics["seconds_per_image"] = predict_seconds / len(scores)
+    metrics["errors"] = errors
+    return metrics
+
+
+def _job_path(out: Path, category: str, k: int, seed: int | None) -> Path:
+    tag = f"k{k}_zero" if seed is None else f"k{k}_seed{seed}"
+    return out / "jobs" / category / f"{tag}.json"
+
+
+def _jobs(cfg: BenchmarkConfig, categories: list[str], lt: LearningType) -> list[tuple]:
+    jobs = []
+    for cat in categories:
+        for k in cfg.shots:
+            if k == 0 and lt is LearningType.FEW_SHOT:
+                log.warning("%s is few-shot only: k=0 skipped", cfg.method)
+                continue
+            if k > 0 and lt in (LearningType.ZERO_SHOT, LearningType.BATCH_ZERO_SHOT):
+                log.warning("%s is zero-shot only: k=%d skipped", cfg.method, k)
+                continue
+            for seed in [None] if k == 0 else cfg.seeds:
+                jobs.append((cat, k, seed))
+    return jobs
+
+
+def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) the benchmark and write ``OUT/results.{csv,json,md}``.
+
+    Returns:
+        One flat row per finished (category, k, seed) job.
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    available = list_categories(cfg.dataset, cfg.root)
+    categories = cfg.categories or available
+    unknown = [c for c in categories if c not in available]
+    if unknown:
+        raise ValueError(
+            f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} under "
+            f"{cfg.root} ({cfg.dataset} layout). Available: {', '.join(available) or '(none)'}"
+        )
+    atomic_write_json(out / "config.json", asdict(cfg))
+    detector = create_detector(cfg.method, **cfg.method_kwargs)
+    jobs = _jobs(cfg, categories, detector.learning_type)
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(jobs, desc=f"benchmark {cfg.method}", unit="job", disable=not progress)
+    for cat, k, seed in bar:
+        path = _job_path(out, cat, k, seed)
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+            continue
+        bar.set_postfix_str(f"{cat} k={k} seed={seed}")
+        train = get_index(cfg.dataset, cfg.root, cat, "train") if k > 0 else []
+        test = _subsample(get_index(cfg.dataset, cfg.root, cat, "test"), cfg.max_test_images)
+        shots = (
+            sample_shots(train, k, seed if seed is not None else 0, rule=cfg.draw_rule) if k else []
+        )
+        t0 = time.perf_counter()
+        shot_images = [load_image(s.image_path) for s in shots]
+        detector.fit(shot_images if shot_images else None)
+        fit_seconds = time.perf_counter() - t0
+        metrics = evaluate_category(
+            detector,
+            test,
+            batch_size=cfg.batch_size,
+            pixel_mode=cfg.pixel_mode,
+            progress=progress,
+            desc=f"{cat} k={k}",
+        )
+        row = {
+            "method": cfg.method,
+            "dataset": cfg.dataset,
+            "category": cat,
+            "k": k,
+            "seed": seed,
+            "shots": [str(s.image_path) for s in shots],
+            "fit_seconds": fit_seconds,
+            "detector": detector.config(),
+            **metrics,
+        }
+        atomic_write_json(path, row)
+        rows.append(row)
+    bar.close()
+    write_reports(out, rows)
+    return rows

@@ -1,0 +1,426 @@
+"""``anomalens`` command line: predict, benchmark, synth, demo, list, weights, train."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("anomalens")
+
+EPILOG = """examples:
+  anomalens demo --out demo_out
+  anomalens predict --method patchcore --normal good/ --images incoming/ --out results/ \\
+      --weights mobilenet_v2.safetensors --backbone mobilenet_v2
+  anomalens benchmark --method patchcore --dataset mvtec --root /data/mvtec \\
+      --categories bottle screw --shots 1 2 4 --seeds 10 20 30 --out bench/
+  anomalens weights download wide_resnet50_2 --to weights/   (on a connected machine)
+"""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Constructor options from the common flags and repeated ``--option key=value``."""
+    from anomalens.registry import get_detector_class
+
+    cls = get_detector_class(args.method)
+    kwargs: dict[str, Any] = {}
+    for flag in ("backbone", "weights", "image_size", "device", "checkpoint", "precision"):
+        v = getattr(args, flag, None)
+        if v is not None:
+            kwargs[flag] = v
+    if getattr(args, "tf_padding", False):
+        kwargs["tf_padding"] = True
+    for item in getattr(args, "option", None) or []:
+        if "=" not in item:
+            raise SystemExit(f"error: --option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        kwargs[k.strip().replace("-", "_")] = _parse_value(v)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        bad = [k for k in kwargs if k not in params]
+        if bad:
+            accepted = [p for p in params if p != "self"]
+            raise SystemExit(
+                f"error: method {args.method!r} does not accept option(s) {', '.join(bad)}. "
+                f"Accepted: {', '.join(accepted)}"
+            )
+    return kwargs
+
+
+def _add_method_flags(p: argparse.ArgumentParser, default_method: str | None = None) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument(
+        "--method",
+        required=default_method is None,
+        default=default_method,
+        help="detector name (see `anomalens list methods`)",
+    )
+    g.add_argument(
+        "--backbone", help="backbone name, e.g. wide_resnet50_2, mobilenet_v2, ViT-L-14-336"
+    )
+    g.add_argument(
+        "--weights",
+        help="backbone weights: local file, URL, hf-hub:ORG/REPO/FILE or a name from "
+        "`anomalens weights list` (default: the backbone's standard pretrained weights)",
+    )
+    g.add_argument("--checkpoint", help="method checkpoint (e.g. trained AdaptCLIP adapters)")
+    g.add_argument("--image-size", type=int, help="working resolution S (maps are S x S)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="inference precision")
+    g.add_argument(
+        "--tf-padding",
+        action="store_true",
+        help="TensorFlow 'SAME' padding for TF-converted CNN weights (the shared MobileNetV2)",
+    )
+    g.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other detector option (JSON values), repeatable, e.g. --option k=3",
+    )
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_list(args: argparse.Namespace) -> int:
+    from anomalens.registry import get_detector_class, list_detectors
+
+    what = args.what
+    if what in ("methods", "all"):
+        print("methods:")
+        for name in list_detectors():
+            cls = get_detector_class(name)
+            doc = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
+            print(f"  {name:<12} {cls.learning_type.value:<17} {doc}")
+    if what in ("backbones", "all"):
+        print("backbones:")
+        try:
+            from anomalens.backbones.presets import list_cnn_presets
+
+            for name in list_cnn_presets():
+                print(f"  {name:<24} CNN (torchvision)")
+        except ImportError:
+            pass
+        try:
+            from anomalens.backbones.clip_presets import list_clip_presets
+
+            for name in list_clip_presets():
+                print(f"  {name:<24} CLIP (open_clip)")
+        except ImportError:
+            pass
+        print("  any open_clip model name: see open_clip.list_models()")
+    if what in ("datasets", "all"):
+        from anomalens.data.registry import list_datasets
+
+        print("datasets:")
+        for name in list_datasets():
+            print(f"  {name}")
+    return 0
+
+
+def _images_of(folder: str, recursive: bool) -> list[Path]:
+    from anomalens.data.io import list_images
+
+    files = list_images(folder, recursive=recursive)
+    if not files:
+        raise SystemExit(
+            f"error: no image file ({', '.join(('png', 'jpg', 'bmp', 'tif', 'webp'))}) in {folder}"
+            + ("" if recursive else " (use --recursive for sub-folders)")
+        )
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from anomalens.pipeline import ThresholdSpec, run_predict
+    from anomalens.registry import create_detector
+
+    kwargs = _method_kwargs(args)
+    normals = _images_of(args.normal, args.recursive) if args.normal else []
+    images = _images_of(args.images, args.recursive)
+    spec = ThresholdSpec(
+        fixed=args.threshold,
+        pixel_fixed=args.pixel_threshold,
+        calibration=_images_of(args.calibration, args.recursive) if args.calibration else None,
+        percentile=args.percentile,
+        margin=args.margin,
+    )
+    summary = run_predict(
+        lambda: create_detector(args.method, **kwargs),
+        images,
+        args.out,
+        normal_paths=normals,
+        threshold=spec,
+        batch_size=args.batch_size,
+        save_overlays=not args.no_overlays,
+        save_masks=not args.no_masks,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        title=f"anomalens {args.method}: {Path(args.images).name}",
+    )
+    thr = summary.threshold
+    print(
+        f"{summary.num_scored} images scored, {summary.num_anomalous} anomalous "
+        f"(threshold {thr.value:.6g}, {thr.method}); {summary.num_errors} unreadable; "
+        f"{summary.seconds:.1f} s"
+    )
+    print(f"results: {summary.out_dir / 'results.csv'}\nreport:  {summary.out_dir / 'report.html'}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from anomalens.benchmark.runner import BenchmarkConfig, run_benchmark
+
+    cfg = BenchmarkConfig(
+        method=args.method,
+        dataset=args.dataset,
+        root=args.root,
+        out=args.out,
+        categories=args.categories,
+        shots=args.shots,
+        seeds=args.seeds,
+        draw_rule=args.draw_rule,
+        method_kwargs=_method_kwargs(args),
+        pixel_mode=args.pixel_mode,
+        batch_size=args.batch_size,
+        max_test_images=args.max_test_images,
+    )
+    run_benchmark(cfg, progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"written: {args.out}/results.csv, summary.csv, results.json, results.md")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from anomalens.data.synthetic import generate_synthetic_dataset
+
+    root = generate_synthetic_dataset(
+        args.out,
+        categories=args.categories,
+        n_train=args.n_train,
+        n_test_good=args.n_test_good,
+        n_test_defect=args.n_test_defect,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
+    print(f"synthetic dataset (MVTec layout) written to {root}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anomalens.demo import run_demo
+
+    run_demo(args.out, weights=args.weights, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from anomalens.backbones.bundle import pack_weights, unpack_weights
+    from anomalens.backbones.catalogue import WEIGHTS
+    from anomalens.backbones.weights import cache_dir, resolve_weights
+
+    if args.action == "list":
+        print(f"cache folder: {cache_dir()}")
+        for w in WEIGHTS:
+            here = (cache_dir() / w.filename).is_file()
+            print(f"  {w.name:<28} {'cached ' if here else 'missing'}  {w.description}")
+        return 0
+    if args.action == "download":
+        path = resolve_weights(args.name, cache=args.to, offline=False)
+        print(f"{args.name} -> {path}")
+        return 0
+    if args.action == "pack":
+        out = pack_weights(args.folder, args.out)
+        print(f"bundle written: {out}")
+        return 0
+    if args.action == "unpack":
+        dest = Path(args.to) if args.to else cache_dir()
+        files = unpack_weights(args.bundle, dest)
+        print(f"{len(files)} files verified and placed in {dest}")
+        return 0
+    raise SystemExit(f"unknown weights action {args.action}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from anomalens.training.cli import run_train
+
+    return run_train(args)
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="anomalens",
+        description="Universal visual anomaly detection from zero or a few normal images.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("list", help="list methods, backbones and datasets")
+    s.add_argument(
+        "what", nargs="?", default="all", choices=["all", "methods", "backbones", "datasets"]
+    )
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser(
+        "predict",
+        help="score a folder of images, with masks, overlays, CSV and an HTML report",
+        description="Fit a detector on your own k normal images (--normal, omit for zero-shot "
+        "methods), score every image of --images and write results.csv, results.jsonl, "
+        "overlays/, masks/, report.html and run.json into --out. The decision threshold is "
+        "set without labelled defects: leave-one-out on the normal images (default), a "
+        "--calibration folder of further normal images, or a fixed --threshold. Reruns "
+        "resume: images already scored with the same settings are skipped.",
+    )
+    _add_method_flags(s)
+    s.add_argument("--normal", help="folder of k normal (good) images")
+    s.add_argument("--images", required=True, help="folder of images to inspect")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--recursive", action="store_true", help="include sub-folders")
+    t = s.add_argument_group("threshold (no labelled defects needed)")
+    t.add_argument("--threshold", type=float, help="fixed image-score threshold")
+    t.add_argument("--pixel-threshold", type=float, help="fixed pixel threshold for masks")
+    t.add_argument("--calibration", help="folder of extra normal images to calibrate on")
+    t.add_argument(
+        "--percentile",
+        type=float,
+        help="percentile of normal scores (default 99 with --calibration, 100 = max for leave-one-out)",
+    )
+    t.add_argument(
+        "--margin", type=float, default=1.0, help="multiplier on the percentile (default 1)"
+    )
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--no-overlays", action="store_true", help="do not write heat-map overlays")
+    s.add_argument("--no-masks", action="store_true", help="do not write binary masks")
+    s.add_argument("--no-resume", action="store_true", help="recompute everything")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser(
+        "benchmark",
+        help="the field's k-shot protocol over categories, shots and seeds (resumable)",
+        description="For each category, k and seed: draw k normal images from train/ "
+        "(reproducible from the seed), fit, score test/, compute I-AUROC, I-AP, I-F1max, "
+        "P-AUROC, P-AP, P-F1max, P-AUPRO and time per image. Writes results.csv (one row per "
+        "run), summary.csv and results.md (mean ± std over seeds) and results.json. Finished "
+        "runs are kept in OUT/jobs/ and skipped when the command is run again.",
+    )
+    _add_method_flags(s)
+    s.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "mpdd", "folder"])
+    s.add_argument("--root", required=True, help="dataset root folder")
+    s.add_argument("--categories", nargs="+", help="categories (default: all under --root)")
+    s.add_argument(
+        "--shots", nargs="+", type=int, default=[0, 1, 2, 4], help="k values (0 = zero-shot)"
+    )
+    s.add_argument("--seeds", nargs="+", type=int, default=[10, 20, 30])
+    s.add_argument(
+        "--draw-rule",
+        default="without_replacement",
+        choices=["without_replacement", "adaptclip"],
+        help="reference draw: k distinct images (default) or the official AdaptCLIP rule "
+        "(torch.manual_seed(seed); torch.randint, with replacement)",
+    )
+    s.add_argument("--pixel-mode", default="exact", choices=["exact", "binned"])
+    s.add_argument("--max-test-images", type=int, help="cap test images per category (quick runs)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--out", required=True)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_benchmark)
+
+    s = sub.add_parser("synth", help="write a seeded synthetic defect dataset (MVTec layout)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--categories", nargs="+", help="subset of the synthetic categories")
+    s.add_argument("--n-train", type=int, default=20)
+    s.add_argument("--n-test-good", type=int, default=10)
+    s.add_argument(
+        "--n-test-defect", type=int, default=10, help="defective test images per category"
+    )
+    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser(
+        "demo",
+        help="offline demo: synthetic data -> few-shot PatchCore -> report with overlays",
+    )
+    s.add_argument("--out", default="demo_out")
+    s.add_argument(
+        "--weights", help="CNN weights file (default: see docs; random features if none)"
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("weights", help="list, download, pack and unpack weights for offline use")
+    wsub = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    wsub.add_parser("list", help="catalogue and cache status")
+    w = wsub.add_parser("download", help="fetch NAME (catalogue name, URL or hf-hub id) into DIR")
+    w.add_argument("name")
+    w.add_argument("--to", required=True, help="folder to download into")
+    w = wsub.add_parser("pack", help="pack a folder of weights into one verified tar")
+    w.add_argument("folder")
+    w.add_argument("--out", required=True)
+    w = wsub.add_parser("unpack", help="verify a bundle and place its files in the cache")
+    w.add_argument("bundle")
+    w.add_argument("--to", help="destination (default: the cache folder)")
+    s.set_defaults(func=cmd_weights)
+
+    try:
+        from anomalens.training.cli import add_train_parser
+
+        add_train_parser(sub, _add_method_flags)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.version:
+        from anomalens import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished results are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, RuntimeError) as exc:
+        if os.environ.get("ANOMALENS_DEBUG"):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

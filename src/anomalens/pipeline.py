@@ -1,0 +1,304 @@
+"""Folder-to-results inference: scores, decisions, overlays, masks, CSV/JSONL and an HTML report.
+
+``run_predict`` is what ``anomalens predict`` calls. It is resumable: results are appended to
+``results.jsonl`` batch by batch, and a rerun with the same settings skips the images already
+scored. Unreadable images are reported in ``errors.csv`` and skipped; the rest goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from anomalens._fileio import atomic_save_png, atomic_write_json, atomic_write_text
+from anomalens.data.io import ImageReadError, load_image
+from anomalens.detectors.base import Detector
+from anomalens.thresholds import (
+    Threshold,
+    calibrate_leave_one_out,
+    calibrate_on_normals,
+    fixed_threshold,
+)
+from anomalens.types import LearningType
+from anomalens.viz.overlay import overlay, resize_map
+from anomalens.viz.report_html import render_report
+
+__all__ = ["PredictSummary", "ThresholdSpec", "load_images_reporting", "run_predict"]
+
+log = logging.getLogger(__name__)
+RESULT_FIELDS = ("path", "score", "decision", "threshold", "overlay", "mask", "seconds")
+
+
+@dataclass
+class ThresholdSpec:
+    """How to set the decision threshold.
+
+    Attributes:
+        fixed: a user-given image threshold (then ``pixel_fixed`` or the same value for masks).
+        calibration: a folder's image paths of normal images to calibrate on.
+        percentile: percentile of normal scores (default: 99 for a calibration folder, 100 = max
+            for leave-one-out on the shots).
+        margin: multiplier applied to the percentile value.
+    """
+
+    fixed: float | None = None
+    pixel_fixed: float | None = None
+    calibration: Sequence[Path] | None = None
+    percentile: float | None = None
+    margin: float = 1.0
+
+
+@dataclass
+class PredictSummary:
+    out_dir: Path
+    num_scored: int
+    num_anomalous: int
+    num_errors: int
+    threshold: Threshold
+    seconds: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_images_reporting(
+    paths: Sequence[Path], errors: list[dict[str, str]]
+) -> list[tuple[Path, np.ndarray]]:
+    """Read images; unreadable ones are appended to ``errors`` (path, error) and skipped."""
+    out = []
+    for p in paths:
+        try:
+            out.append((Path(p), load_image(p)))
+        except ImageReadError as exc:
+            log.warning("%s", exc)
+            errors.append({"path": str(p), "error": exc.reason})
+    return out
+
+
+def _settings_key(detector: Detector, threshold: Threshold, images: Sequence[Path]) -> dict:
+    return {
+        "detector": detector.config(),
+        "threshold": threshold.to_dict(),
+        "num_images": len(images),
+    }
+
+
+def _set_threshold(
+    spec: ThresholdSpec,
+    make_detector: Callable[[], Detector],
+    detector: Detector,
+    shots: list[np.ndarray],
+    errors: list[dict[str, str]],
+) -> Threshold:
+    if spec.fixed is not None:
+        return fixed_threshold(spec.fixed, spec.pixel_fixed)
+    if spec.calibration:
+        normals = [im for _, im in load_images_reporting(spec.calibration, errors)]
+        return calibrate_on_normals(
+            detector, normals, percentile=spec.percentile or 99.0, margin=spec.margin
+        )
+    if not shots:
+        raise ValueError(
+            "no way to set a threshold: give normal images (--normal, leave-one-out), "
+            "a --calibration folder of normal images, or a fixed --threshold"
+        )
+    return calibrate_leave_one_out(
+        make_detector, shots, percentile=spec.percentile or 100.0, margin=spec.margin
+    )
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """Output file names: the stem, prefixed by the parent folder when stems repeat."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[p.stem] = counts.get(p.stem, 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        base = p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        names.append(base if n == 0 else f"{base}__{n}")
+    return names
+
+
+def run_predict(
+    make_detector: Callable[[], Detector],
+    image_paths: Sequence[Path],
+    out_dir: str | Path,
+    *,
+    normal_paths: Sequence[Path] = (),
+    threshold: ThresholdSpec | None = None,
+    batch_size: int = 8,
+    save_overlays: bool = True,
+    save_masks: bool = True,
+    resume: bool = True,
+    progress: bool = True,
+    title: str = "anomalens report",
+) -> PredictSummary:
+    """Fit on the normal images, score every image, write all outputs into ``out_dir``.
+
+    Outputs: ``results.csv``, ``results.jsonl``, ``errors.csv``, ``run.json``, ``report.html``,
+    ``overlays/*.png`` and ``masks/*.png``.
+
+    Args:
+        make_detector: builds a fresh detector with the run's settings (also used for
+            leave-one-out threshold calibration).
+        image_paths: images to inspect.
+        normal_paths: the k normal images (a user's own k-shot folder); may be empty for
+            zero-shot methods.
+        threshold: threshold policy (default: leave-one-out on the shots).
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threshold = threshold or ThresholdSpec()
+    errors: list[dict[str, str]] = []
+
+    detector = make_detector()
+    shots = [im for _, im in load_images_reporting(list(normal_paths), errors)]
+    if normal_paths and not shots:
+        raise ValueError("none of the normal images could be read (see the messages above)")
+    if detector.learning_type is LearningType.FEW_SHOT and not shots:
+        raise ValueError(f"{detector.name} needs normal images: pass --normal DIR")
+    detector.fit(shots if detector.learning_type is not LearningType.ZERO_SHOT else None)
+    thr = _set_threshold(threshold, make_detector, detector, shots, errors)
+
+    image_paths = [Path(p) for p in image_paths]
+    if not image_paths:
+        raise ValueError("no image to inspect")
+    names = _unique_names(image_paths)
+    settings = _settings_key(detector, thr, image_paths)
+    jsonl = out / "results.jsonl"
+    run_json = out / "run.json"
+    done: dict[str, dict[str, Any]] = {}
+    if resume and jsonl.exists() and run_json.exists():
+        prev = json.loads(run_json.read_text())
+        if prev.get("settings") == json.loads(json.dumps(settings, default=str)):
+            for line in jsonl.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line from a killed run: recompute from there
+                done[row["path"]] = row
+            log.info("resuming: %d images already scored", len(done))
+    if not done and jsonl.exists():
+        jsonl.unlink()
+    atomic_write_json(run_json, {"settings": settings, "status": "running"})
+    (out / "overlays").mkdir(exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+
+    todo = [(p, n) for p, n in zip(image_paths, names) if str(p) not in done]
+    batch_method = detector.learning_type is LearningType.BATCH_ZERO_SHOT
+    step = len(todo) if batch_method else batch_size
+    bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=not progress)
+    with open(jsonl, "a", encoding="utf-8") as fj:
+        for i in range(0, len(todo), max(step, 1)):
+            chunk = todo[i : i + step]
+            loaded = load_images_reporting([p for p, _ in chunk], errors)
+            name_of = dict(chunk)
+            if not loaded:
+                bar.update(len(chunk))
+                continue
+            tb = time.perf_counter()
+            scores, maps = detector.predict([im for _, im in loaded]).to_numpy()
+            per_image = (time.perf_counter() - tb) / len(loaded)
+            for (p, im), s, m in zip(loaded, scores, maps):
+                name = name_of[p]
+                h, w = im.shape[:2]
+                full = resize_map(m, h, w)
+                pix_thr = thr.pixel_value if thr.pixel_value is not None else thr.value
+                pred_mask = full > pix_thr
+                row = {
+                    "path": str(p),
+                    "score": float(s),
+                    "decision": thr.decide(float(s)),
+                    "threshold": thr.value,
+                    "overlay": "",
+                    "mask": "",
+                    "seconds": per_image,
+                }
+                if save_overlays:
+                    rel = f"overlays/{name}_overlay.png"
+                    atomic_save_png(
+                        out / rel, overlay(im, m, vis_range=thr.vis_range, mask=pred_mask)
+                    )
+                    row["overlay"] = rel
+                if save_masks:
+                    rel = f"masks/{name}_mask.png"
+                    atomic_save_png(out / rel, pred_mask)
+                    row["mask"] = rel
+                done[str(p)] = row
+                fj.write(json.dumps(row) + "\n")
+            fj.flush()
+            os.fsync(fj.fileno())
+            bar.update(len(chunk))
+    bar.close()
+
+    rows = [done[str(p)] for p in image_paths if str(p) in done]
+    _write_outputs(out, rows, errors, thr, detector, settings, title, names, image_paths)
+    n_anom = sum(r["decision"] == "anomalous" for r in rows)
+    return PredictSummary(out, len(rows), n_anom, len(errors), thr, time.perf_counter() - t0, rows)
+
+
+def _write_outputs(
+    out: Path,
+    rows: list[dict[str, Any]],
+    errors: list[dict[str, str]],
+    thr: Threshold,
+    detector: Detector,
+    settings: dict[str, Any],
+    title: str,
+    names: list[str],
+    image_paths: list[Path],
+) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=("path", "error"))
+    w.writeheader()
+    w.writerows(errors)
+    atomic_write_text(out / "errors.csv", buf.getvalue())
+    name_of = {str(p): n for p, n in zip(image_paths, names)}
+    cards = [
+        {
+            **r,
+            "name": Path(r["path"]).name,
+            "image": os.path.relpath(r["path"], out),
+            "id": name_of[r["path"]],
+        }
+        for r in rows
+    ]
+    info = {
+        "method": detector.name,
+        "normal images (k)": detector.num_shots,
+        "threshold": f"{thr.value:.6g} ({thr.method})",
+        "pixel threshold": f"{thr.pixel_value:.6g}" if thr.pixel_value is not None else "-",
+        "threshold details": json.dumps(thr.details),
+        "settings": json.dumps(detector.config()),
+    }
+    atomic_write_text(
+        out / "report.html", render_report(cards, title=title, run_info=info, errors=errors)
+    )
+    atomic_write_json(
+        out / "run.json",
+        {
+            "settings": settings,
+            "status": "complete",
+            "threshold": thr.to_dict(),
+            "num_scored": len(rows),
+            "num_errors": len(errors),
+        },
+    )

@@ -1,0 +1,171 @@
+"""Decision thresholds set without labelled defects.
+
+Three policies, each recorded with the results (``Threshold.to_dict``):
+
+* ``fixed``: a value given by the user.
+* ``normal-folder``: score a separate folder of normal images with the fitted detector and take
+  a percentile of their scores (times an optional margin).
+* ``leave-one-out``: with k >= 2 shots, fit on k-1 shots and score the held-out one, k times;
+  the threshold is a percentile of those k held-out scores (default: the maximum) times a margin.
+  For zero-shot detectors the k shots are simply scored (nothing to leave out).
+
+The same rule gives a *pixel* threshold (for binary masks) from the pixel values of the
+normal images' anomaly maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from anomalens.data.io import ImageLike
+from anomalens.detectors.base import Detector
+from anomalens.types import LearningType
+
+__all__ = ["Threshold", "calibrate_leave_one_out", "calibrate_on_normals", "fixed_threshold"]
+
+
+@dataclass
+class Threshold:
+    """An image-level threshold (score > value = anomalous) and a pixel-level one for masks.
+
+    Attributes:
+        value: image-score threshold.
+        pixel_value: anomaly-map threshold for binary masks (None: derived from ``value``).
+        method: ``fixed``, ``normal-folder`` or ``leave-one-out``.
+        details: how it was obtained (percentile, margin, number of normal scores, their range).
+        vis_range: (lo, hi) of the heat-map colour scale, or None for per-image min/max.
+    """
+
+    value: float
+    pixel_value: float | None
+    method: str
+    details: dict[str, Any] = field(default_factory=dict)
+    vis_range: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["vis_range"] = list(self.vis_range) if self.vis_range is not None else None
+        return d
+
+    def decide(self, score: float) -> str:
+        return "anomalous" if score > self.value else "normal"
+
+
+def fixed_threshold(value: float, pixel_value: float | None = None) -> Threshold:
+    """A threshold given by the user (pixel threshold defaults to the same value)."""
+    return Threshold(
+        value=float(value),
+        pixel_value=float(pixel_value if pixel_value is not None else value),
+        method="fixed",
+        details={"source": "user"},
+    )
+
+
+def _from_normals(
+    scores: np.ndarray,
+    maps: np.ndarray,
+    method: str,
+    percentile: float,
+    margin: float,
+    pixel_percentile: float,
+    extra: dict[str, Any],
+) -> Threshold:
+    if scores.size == 0:
+        raise ValueError("threshold calibration got no normal score")
+    value = float(np.percentile(scores, percentile)) * margin
+    pix = maps.reshape(-1)
+    pixel_value = float(np.percentile(pix, pixel_percentile)) * margin
+    lo = float(np.percentile(pix, 1.0))
+    hi = max(2.0 * pixel_value - lo, pixel_value + 1e-6)
+    details = {
+        "percentile": percentile,
+        "pixel_percentile": pixel_percentile,
+        "margin": margin,
+        "num_normal_scores": int(scores.size),
+        "normal_score_min": float(scores.min()),
+        "normal_score_max": float(scores.max()),
+        **extra,
+    }
+    return Threshold(value, pixel_value, method, details, vis_range=(lo, hi))
+
+
+def calibrate_on_normals(
+    detector: Detector,
+    normal_images: Sequence[ImageLike],
+    *,
+    percentile: float = 99.0,
+    margin: float = 1.0,
+    pixel_percentile: float = 99.9,
+    batch_size: int = 8,
+) -> Threshold:
+    """Threshold from a separate folder of normal images scored by the fitted detector."""
+    images = list(normal_images)
+    if not images:
+        raise ValueError("the calibration folder of normal images is empty")
+    scores, maps = [], []
+    for i in range(0, len(images), batch_size):
+        s, m = detector.predict(images[i : i + batch_size]).to_numpy()
+        scores.append(s)
+        maps.append(m)
+    return _from_normals(
+        np.concatenate(scores),
+        np.concatenate(maps),
+        "normal-folder",
+        percentile,
+        margin,
+        pixel_percentile,
+        {"num_images": len(images)},
+    )
+
+
+def calibrate_leave_one_out(
+    make_detector: Callable[[], Detector],
+    shots: Sequence[ImageLike],
+    *,
+    percentile: float = 100.0,
+    margin: float = 1.0,
+    pixel_percentile: float = 99.9,
+) -> Threshold:
+    """Threshold from the k shots alone (no extra images, no labelled defect).
+
+    Few-shot detectors: k fits on k-1 shots, each scoring the held-out shot (needs k >= 2).
+    Zero-shot detectors: the shots are scored directly.
+
+    Args:
+        make_detector: builds a fresh, unfitted detector with the run's settings.
+        shots: the k normal images.
+    """
+    shots = list(shots)
+    probe = make_detector()
+    scores, maps = [], []
+    if probe.learning_type in (LearningType.ZERO_SHOT, LearningType.BATCH_ZERO_SHOT):
+        if probe.learning_type is LearningType.BATCH_ZERO_SHOT and len(shots) < 2:
+            raise ValueError("leave-one-out calibration of a batch method needs >= 2 normal images")
+        s, m = probe.fit(None).predict(shots).to_numpy()
+        scores, maps = [s], [m]
+    else:
+        if len(shots) < 2:
+            raise ValueError(
+                "leave-one-out calibration needs at least 2 normal images (got "
+                f"{len(shots)}); give more shots, a --calibration folder of normal images, "
+                "or a fixed --threshold"
+            )
+        for i in range(len(shots)):
+            det = probe if i == 0 else make_detector()
+            rest = shots[:i] + shots[i + 1 :]
+            s, m = det.fit(rest).predict([shots[i]]).to_numpy()
+            scores.append(s)
+            maps.append(m)
+    return _from_normals(
+        np.concatenate(scores),
+        np.concatenate(maps),
+        "leave-one-out",
+        percentile,
+        margin,
+        pixel_percentile,
+        {"num_shots": len(shots)},
+    )

@@ -1,0 +1,71 @@
+"""Shared test fixtures: paths to ../shared, a tiny toy detector, single-threaded torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomalens.data.io import ImageLike
+from anomalens.data.transforms import to_batch
+from anomalens.detectors.base import Detector
+from anomalens.registry import register_detector
+from anomalens.types import LearningType, Prediction
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+
+torch.set_num_threads(int(os.environ.get("ANOMALENS_TEST_THREADS", "1")))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared, or skip the test with a clear reason when it is absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(
+            f"needs {p} (the team's shared/ folder beside the checkout; absent in a user clone)"
+        )
+    return p
+
+
+@register_detector("toy")
+class ToyDetector(Detector):
+    """Test-only few-shot detector: |grey image - mean grey of the shots| at 32 x 32."""
+
+    learning_type = LearningType.FEW_SHOT
+    image_size = 32
+
+    def __init__(self, device: str = "cpu", offset: float = 0.0) -> None:
+        super().__init__(device)
+        self.offset = offset
+        self.reference: torch.Tensor | None = None
+
+    def _grey(self, images: list[ImageLike]) -> torch.Tensor:
+        return to_batch(images, self.image_size, mean=(0, 0, 0), std=(1, 1, 1)).mean(1)
+
+    def _fit(self, normal_images: list[ImageLike]) -> None:
+        self.reference = self._grey(normal_images).mean(0)
+
+    def _predict(self, images: list[ImageLike]) -> Prediction:
+        maps = (self._grey(images) - self.reference).abs() + self.offset
+        return Prediction(maps.flatten(1).max(1).values, maps)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small seeded synthetic dataset in MVTec layout, shared by the whole session."""
+    from anomalens.data.synthetic import generate_synthetic_dataset, list_synthetic_categories
+
+    root = tmp_path_factory.mktemp("synth")
+    cats = list_synthetic_categories()[:2]
+    return generate_synthetic_dataset(
+        root, categories=cats, n_train=6, n_test_good=4, n_test_defect=4, image_size=96, seed=0
+    )
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,89 @@
+"""Weight resolver and offline bundles: the whole download/pack/unpack cycle on small files."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from anomalens.backbones.bundle import BundleError, pack_weights, unpack_weights
+from anomalens.backbones.weights import WeightNotAvailableError, resolve_weights
+
+
+def test_pack_unpack_cycle_and_resolution(tmp_path, monkeypatch):
+    src = tmp_path / "weights"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.safetensors").write_bytes(b"A" * 100)
+    (src / "sub" / "b.pth").write_bytes(b"B" * 50)
+    bundle = pack_weights(src, tmp_path / "bundle.tar")
+    cache = tmp_path / "cache"
+    files = unpack_weights(bundle, cache)
+    assert sorted(p.relative_to(cache).as_posix() for p in files) == ["a.safetensors", "sub/b.pth"]
+    assert (cache / "a.safetensors").read_bytes() == b"A" * 100
+    monkeypatch.setenv("ANOMALENS_CACHE", str(cache))
+    monkeypatch.setenv("ANOMALENS_OFFLINE", "1")
+    # a bare file name is found in the cache; an absolute path is returned as is
+    assert resolve_weights("a.safetensors") == cache / "a.safetensors"
+    assert resolve_weights(src / "a.safetensors") == src / "a.safetensors"
+
+
+def test_tampered_or_unsafe_bundles_are_refused(tmp_path):
+    src = tmp_path / "w"
+    src.mkdir()
+    (src / "x.bin").write_bytes(b"x" * 10)
+    bundle = pack_weights(src, tmp_path / "b.tar")
+    # rewrite the payload with other bytes but keep the manifest
+    tampered = tmp_path / "t.tar"
+    with tarfile.open(bundle) as tin, tarfile.open(tampered, "w") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name == "x.bin":
+                data = b"y" * 10
+            tout.addfile(m, io.BytesIO(data))
+    with pytest.raises(BundleError, match="checksum"):
+        unpack_weights(tampered, tmp_path / "c1")
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as t:
+        for name, data in (("MANIFEST.json", b'{"files": []}'), ("../escape.bin", b"z")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.raises(BundleError, match="unsafe"):
+        unpack_weights(evil, tmp_path / "c2")
+    assert not (tmp_path / "escape.bin").exists()
+    plain = tmp_path / "plain.tar"
+    with tarfile.open(plain, "w") as t:
+        t.add(src / "x.bin", arcname="x.bin")
+    with pytest.raises(BundleError, match="not an anomalens weights bundle"):
+        unpack_weights(plain, tmp_path / "c3")
+
+
+@pytest.mark.parametrize(
+    "source", ["resnet18", "hf-hub:org/repo/model.safetensors", "https://example.invalid/w.pth"]
+)
+def test_offline_and_uncached_names_the_file_cache_and_command(tmp_path, monkeypatch, source):
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("ANOMALENS_OFFLINE", "1")
+    with pytest.raises(WeightNotAvailableError) as e:
+        resolve_weights(source)
+    msg = str(e.value)
+    assert "offline" in msg and str(tmp_path / "empty-cache") in msg
+    assert "anomalens weights download" in msg
+
+
+def test_missing_local_file(tmp_path):
+    with pytest.raises(WeightNotAvailableError, match="does not exist"):
+        resolve_weights(tmp_path / "nope.safetensors")
+
+
+def test_hf_offline_variable_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANOMALENS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path))
+    with pytest.raises(WeightNotAvailableError, match="offline"):
+        resolve_weights("hf-hub:a/b")
+    Path(tmp_path / "hf" / "a--b").mkdir(parents=True)
+    (tmp_path / "hf" / "a--b" / "open_clip_model.safetensors").write_bytes(b"w")
+    assert resolve_weights("hf-hub:a/b").read_bytes() == b"w"

@@ -1,0 +1,205 @@
+"""The command line as a user meets it: help, list, synth, predict, benchmark, weights, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from anomalens.cli.main import build_parser, main
+
+SUBCOMMANDS = ["list", "predict", "benchmark", "synth", "demo", "weights"]
+
+
+@pytest.mark.parametrize("cmd", [[], *([c] for c in SUBCOMMANDS)])
+def test_help_explains_every_command(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: anomalens" in out
+    if cmd == ["predict"]:
+        for flag in ("--normal", "--images", "--threshold", "--calibration", "--weights"):
+            assert flag in out
+
+
+def test_list_shows_methods_and_datasets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "patchcore" in out and "few_shot" in out
+    assert "mvtec" in out and "visa" in out
+
+
+def test_synth_writes_mvtec_layout(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path),
+                "--n-train",
+                "2",
+                "--n-test-good",
+                "1",
+                "--n-test-defect",
+                "2",
+                "--image-size",
+                "64",
+            ]
+        )
+        == 0
+    )
+    cats = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert cats
+    for c in cats:
+        assert len(list((c / "train" / "good").iterdir())) == 2
+        assert (c / "ground_truth").is_dir()
+
+
+def test_predict_patchcore_end_to_end(synthetic_root, tmp_path, capsys):
+    cat = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    images = tmp_path / "incoming"
+    images.mkdir()
+    for p in sorted((cat / "test").rglob("*.png"))[:6]:
+        (images / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "predict",
+            "--method",
+            "patchcore",
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random",
+            "--image-size",
+            "64",
+            "--normal",
+            str(cat / "train" / "good"),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 6 and all((out / r["overlay"]).is_file() for r in rows)
+    assert "6 images scored" in capsys.readouterr().out
+
+
+def test_predict_rejects_unknown_option_and_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit, match="no image file"):
+        main(
+            [
+                "predict",
+                "--method",
+                "toy",
+                "--normal",
+                str(tmp_path / "empty"),
+                "--images",
+                str(tmp_path / "empty"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="does not accept option"):
+        main(
+            [
+                "predict",
+                "--method",
+                "toy",
+                "--option",
+                "bogus=1",
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert (
+        main(
+            ["predict", "--method", "nope", "--images", str(tmp_path), "--out", str(tmp_path / "o")]
+        )
+        == 1
+    )
+    assert "Available:" in capsys.readouterr().err
+
+
+def _bench(root: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "benchmark",
+            "--method",
+            "toy",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(root),
+            "--shots",
+            "1",
+            "2",
+            "--seeds",
+            "10",
+            "20",
+            "--out",
+            str(out),
+            "-q",
+            *extra,
+        ]
+    )
+
+
+def test_benchmark_tables_and_resume(synthetic_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bench"
+    assert _bench(synthetic_root, out) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    cats = sorted(p.name for p in synthetic_root.iterdir() if p.is_dir())
+    assert len(rows) == len(cats) * 2 * 2
+    for r in rows:
+        for m in ("image_auroc", "pixel_auroc", "pixel_aupro", "seconds_per_image"):
+            assert 0.0 <= float(r[m]) <= 1.0 or m == "seconds_per_image"
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert {s["category"] for s in summary} == {*cats, "mean"}
+    md = (out / "results.md").read_text()
+    assert "I-AUROC" in md and "±" in md
+    # kill simulation: one job lost -> only that one is recomputed
+    job = sorted((out / "jobs").rglob("*.json"))[0]
+    job.unlink()
+    from anomalens.benchmark import runner
+
+    calls = []
+    orig = runner.evaluate_category
+    monkeypatch.setattr(
+        runner, "evaluate_category", lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    )
+    assert _bench(synthetic_root, out) == 0
+    assert len(calls) == 1 and job.exists()
+
+
+def test_benchmark_unknown_category_lists_the_existing_ones(synthetic_root, tmp_path, capsys):
+    assert _bench(synthetic_root, tmp_path / "b", "--categories", "no_such_thing") == 1
+    err = capsys.readouterr().err
+    assert "no_such_thing" in err and "Available:" in err
+    for c in (p.name for p in synthetic_root.iterdir() if p.is_dir()):
+        assert c in err
+
+
+def test_weights_commands_cycle(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "m.safetensors").write_bytes(b"0123")
+    assert main(["weights", "pack", str(tmp_path / "w"), "--out", str(tmp_path / "b.tar")]) == 0
+    assert main(["weights", "unpack", str(tmp_path / "b.tar")]) == 0
+    assert (tmp_path / "cache" / "m.safetensors").read_bytes() == b"0123"
+    assert main(["weights", "list"]) == 0
+    assert "wide_resnet50_2" in capsys.readouterr().out
+
+
+def test_parser_builds():
+    assert build_parser().prog == "anomalens"

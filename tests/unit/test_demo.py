@@ -1,0 +1,26 @@
+"""The offline demo runs end to end and produces a report with overlays."""
+
+from __future__ import annotations
+
+from anomalens.demo import pick_demo_weights, run_demo
+
+
+def test_demo_end_to_end_small(tmp_path, capsys):
+    index = run_demo(
+        tmp_path, weights="random", progress=False, categories=["washer"], image_size=64
+    )
+    assert index.is_file()
+    report = tmp_path / "inspect" / "washer" / "report.html"
+    assert report.is_file() and "anomalous" in report.read_text()
+    assert len(list((tmp_path / "inspect" / "washer" / "overlays").glob("*.png"))) == 16
+    assert (tmp_path / "benchmark" / "results.md").is_file()
+    assert "I-AUROC" in capsys.readouterr().out
+
+
+def test_demo_weight_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv(
+        "ANOMALENS_DEMO_WEIGHTS", str(tmp_path / "mobilenet_v2_imagenet_int8dequant.safetensors")
+    )
+    backbone, _weights, origin = pick_demo_weights(None)
+    assert backbone == "mobilenet_v2_tf" and "ANOMALENS_DEMO_WEIGHTS" in origin
+    assert pick_demo_weights("x.pth")[0] == "mobilenet_v2"

@@ -1,0 +1,131 @@
+"""Folder inference: outputs, thresholds, bad files, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalens.pipeline import ThresholdSpec, run_predict
+from anomalens.registry import create_detector
+from anomalens.thresholds import calibrate_leave_one_out, fixed_threshold
+
+
+def _write(folder: Path, name: str, arr: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    Image.fromarray(arr).save(p)
+    return p
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    normal, images = tmp_path / "normal", tmp_path / "images"
+    base = np.full((48, 64, 3), 120, np.uint8)
+    for i, v in enumerate((118, 120, 122)):  # normal variation: brightness +-2
+        _write(normal, f"n{i}.png", np.full_like(base, v))
+    _write(images, "good.png", base.copy())
+    bad = base.copy()
+    bad[10:20, 20:30] = 255
+    _write(images, "defect.png", bad)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return normal, images
+
+
+def test_predict_writes_everything_and_flags_the_defect(folders, tmp_path):
+    normal, images = folders
+    out = tmp_path / "out"
+    paths = sorted(images.iterdir())
+    s = run_predict(
+        lambda: create_detector("toy"),
+        paths,
+        out,
+        normal_paths=sorted(normal.iterdir()),
+        progress=False,
+    )
+    assert s.num_scored == 2 and s.num_errors == 1
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows["defect.png"]["decision"] == "anomalous"
+    assert rows["good.png"]["decision"] == "normal"
+    assert float(rows["defect.png"]["threshold"]) == pytest.approx(s.threshold.value)
+    errors = list(csv.DictReader(open(out / "errors.csv")))
+    assert errors[0]["path"].endswith("broken.jpg") and "corrupt" in errors[0]["error"]
+    for r in rows.values():
+        assert (out / r["overlay"]).is_file() and (out / r["mask"]).is_file()
+    mask = np.asarray(Image.open(out / rows["defect.png"]["mask"]))
+    assert mask.shape == (48, 64) and mask[12:18, 22:28].all() and not mask[40:, :10].any()
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["threshold"]["method"] == "leave-one-out"
+    html = (out / "report.html").read_text()
+    assert html.index("defect.png") < html.index("good.png")  # worst first
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_skips_scored_images_and_recovers_a_torn_line(folders, tmp_path):
+    normal, images = folders
+    out = tmp_path / "out"
+    paths = sorted(images.iterdir())
+    args = dict(normal_paths=sorted(normal.iterdir()), progress=False)
+    run_predict(lambda: create_detector("toy"), paths, out, **args)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    # simulate a run killed while writing its second line
+    (out / "results.jsonl").write_text(lines[0] + "\n" + lines[1][:10])
+    calls = []
+
+    def factory():
+        det = create_detector("toy")
+        orig = det._predict
+        det._predict = lambda ims: (calls.append(len(ims)), orig(ims))[1]
+        return det
+
+    s = run_predict(factory, paths, out, **args)
+    # threshold calibration scores 3 held-out shots one by one; then only ONE image is recomputed
+    assert calls == [1, 1, 1, 1]
+    assert s.num_scored == 2
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_fixed_threshold_and_calibration_folder(folders, tmp_path):
+    normal, images = folders
+    paths = sorted(images.iterdir())
+    s = run_predict(
+        lambda: create_detector("toy"),
+        paths,
+        tmp_path / "a",
+        normal_paths=sorted(normal.iterdir()),
+        threshold=ThresholdSpec(fixed=1e9),
+        progress=False,
+    )
+    assert s.num_anomalous == 0 and s.threshold.method == "fixed"
+    s = run_predict(
+        lambda: create_detector("toy"),
+        paths,
+        tmp_path / "b",
+        normal_paths=sorted(normal.iterdir())[:1],
+        threshold=ThresholdSpec(calibration=sorted(normal.iterdir())),
+        progress=False,
+    )
+    assert s.threshold.method == "normal-folder" and s.threshold.details["num_images"] == 3
+
+
+def test_leave_one_out_needs_two_shots_and_is_the_max():
+    img = [np.full((8, 8, 3), v, np.uint8) for v in (100, 110, 130)]
+    thr = calibrate_leave_one_out(lambda: create_detector("toy"), img)
+    # held-out scores: |100-120|, |110-115|, |130-105| on the 0..1 scale -> max is 25/255
+    assert thr.value == pytest.approx(25 / 255, abs=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        calibrate_leave_one_out(lambda: create_detector("toy"), img[:1])
+    assert fixed_threshold(0.3).decide(0.31) == "anomalous"
+    assert fixed_threshold(0.3).decide(0.3) == "normal"
+
+
+def test_few_shot_method_without_normals_is_a_clear_error(folders, tmp_path):
+    _, images = folders
+    with pytest.raises(ValueError, match="--normal"):
+        run_predict(
+            lambda: create_detector("toy"), sorted(images.iterdir()), tmp_path / "o", progress=False
+        )
