@@ -72,11 +72,11 @@ class WinCLIP(Detector):
 
     def __init__(
         self,
-        backbone: ClipBackbone | None = None,
+        backbone: ClipBackbone | str | None = None,
         *,
         model_name: str = "ViT-B-16-plus-240",
-        pretrained: str | None = "laion400m_e31",
-        image_size: int = 240,
+        pretrained: str | None = "default",
+        image_size: int | None = None,
         class_name: str = "object",
         templates: str = "paper22",
         scales: Sequence[int] = (2, 3),
@@ -93,10 +93,14 @@ class WinCLIP(Detector):
         Args:
             backbone: an already built :class:`ClipBackbone` (its size and device are used and
                 ``model_name``, ``pretrained``, ``image_size``, ``precision``, ``device`` are
-                ignored); None builds one from those options.
+                ignored); a CLIP preset name (``anomalens list backbones``; ``pretrained`` and
+                ``image_size`` override the preset's); None builds one from ``model_name``.
             model_name: open_clip architecture with a ViT image tower.
-            pretrained: open_clip tag, local file, ``hf-hub:`` id or None (random weights).
-            image_size: input side S (squash-resize); maps are (S, S).
+            pretrained: open_clip tag, local file, ``hf-hub:`` id or None (random weights);
+                ``"default"``: ``laion400m_e31`` with ``model_name``, the preset's own weights
+                with a preset name.
+            image_size: input side S (squash-resize); maps are (S, S). Default: 240 with
+                ``model_name``, the preset's size with a preset name.
             class_name: object word(s) in the prompts, e.g. ``"bottle"``; ``_`` becomes a space
                 (``"metal_nut"`` -> ``"metal nut"``). Default ``"object"``.
             templates: ``"paper22"`` (the 22 templates of the paper) or ``"anomalib21"``.
@@ -111,11 +115,19 @@ class WinCLIP(Detector):
             precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` when building the backbone.
             device: device when building the backbone.
         """
-        if backbone is None:
+        if isinstance(backbone, str):
+            backbone = ClipBackbone.from_preset(
+                backbone,
+                pretrained=None if pretrained == "default" else pretrained,
+                image_size=image_size,
+                precision=precision,
+                device=device,
+            )
+        elif backbone is None:
             backbone = ClipBackbone.create(
                 model_name,
-                pretrained=pretrained,
-                image_size=image_size,
+                pretrained="laion400m_e31" if pretrained == "default" else pretrained,
+                image_size=image_size or 240,
                 precision=precision,
                 device=device,
             )

@@ -1,0 +1,486 @@
+"""MuSc: zero-shot anomaly detection by mutual scoring of a batch of unlabeled test images.
+
+Li et al., "MuSc: Zero-Shot Industrial Anomaly Classification and Segmentation with Mutual
+Scoring of the Unlabeled Images", ICLR 2024. No normal image and no prompt: the test images of
+one category are scored *against each other* (a normal patch finds close matches in most other
+images, an anomalous one only in few). ``predict(images)`` therefore needs the whole batch at
+once; the result for an image depends on the other images of the batch.
+
+Pipeline: patch tokens of several layers (:class:`PatchFeatureExtractor`) -> LNAMD with
+degrees r -> MSM per (layer, r) -> mean -> bilinear upsampling (align_corners=True) -> image
+score = max of the map -> RsCIN re-scoring of the image scores over global embeddings. The pure
+tensor stages live in :mod:`anomalens.scoring.musc`.
+
+Backbones: CLIP ViTs through :class:`~anomalens.backbones.clip.ClipBackbone` (default
+``ViT-L-14-336`` at 518 px with the official MuSc settings), the CNN presets of
+:mod:`anomalens.backbones.presets`, or any object implementing :class:`PatchFeatureExtractor`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from anomalens.data.io import ImageLike
+from anomalens.detectors.base import Detector
+from anomalens.registry import register_detector
+from anomalens.scoring.musc import (
+    MIN_IMAGES_FOR_DEFAULT_INTERVAL,
+    fuse_scores,
+    interval_bounds,
+    lnamd,
+    max_scores,
+    mutual_scores,
+    rscin,
+    upsample_maps,
+)
+from anomalens.types import LearningType, Prediction
+
+if TYPE_CHECKING:
+    from anomalens.backbones.clip import ClipBackbone
+    from anomalens.backbones.cnn import CNNFeatureExtractor
+
+__all__ = [
+    "ClipPatchExtractor",
+    "CnnPatchExtractor",
+    "MuSc",
+    "PatchFeatureExtractor",
+    "PatchFeatures",
+    "musc_clip_backbone",
+    "resize_positions_bicubic",
+]
+
+#: Feature blocks (1-based) per CLIP depth, as the official scripts (0-based 5,11,17,23 / 2,5,8,11).
+_CLIP_LAYERS = {24: (6, 12, 18, 24), 12: (3, 6, 9, 12)}
+
+
+@dataclass
+class PatchFeatures:
+    """Patch tokens of several layers plus one global embedding per image.
+
+    Attributes:
+        tokens: per layer, (B, L_l, C_l) patch tokens without class token, row-major grid.
+        grids: per layer, the (h_l, w_l) grid with h_l * w_l = L_l.
+        embedding: (B, D) global image embedding for RsCIN (normalised by MuSc).
+    """
+
+    tokens: list[torch.Tensor]
+    grids: list[tuple[int, int]]
+    embedding: torch.Tensor
+
+
+@runtime_checkable
+class PatchFeatureExtractor(Protocol):
+    """What MuSc needs from a backbone: preprocessing and multi-layer patch tokens."""
+
+    def preprocess(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
+        """Images -> (B, 3, size, size) normalised tensor on the CPU."""
+        ...
+
+    def extract(self, x: torch.Tensor) -> PatchFeatures:
+        """(B, 3, S, S) on the extractor's device -> :class:`PatchFeatures`."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Settings that determine the features (for ``MuSc.config()``)."""
+        ...
+
+
+class ClipPatchExtractor:
+    """MuSc features from a :class:`ClipBackbone`: raw residual streams + projected CLS.
+
+    Patch tokens are the outputs of the given transformer blocks (1-based; the official config
+    ``[5, 11, 17, 23]`` means blocks 6, 12, 18, 24), before ``ln_post`` and without projection,
+    class token dropped. The embedding is ``ln_post(CLS after the last block) @ proj``.
+
+    Args:
+        backbone: a built ClipBackbone (its input size fixes the grid). For the official
+            positional-embedding resize use :func:`musc_clip_backbone`.
+        layers: 1-based block numbers (default 6, 12, 18, 24 for 24 blocks; 3, 6, 9, 12 for 12).
+        batch_size: images per backbone forward inside one ``extract`` call (None: all).
+    """
+
+    def __init__(
+        self,
+        backbone: ClipBackbone,
+        layers: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.backbone = backbone
+        depth = backbone.num_layers
+        if layers is None:
+            if depth not in _CLIP_LAYERS:
+                raise ValueError(
+                    f"no default MuSc layers for a CLIP with {depth} blocks: pass layers=..."
+                )
+            layers = _CLIP_LAYERS[depth]
+        bad = [b for b in layers if not 1 <= int(b) <= depth]
+        if bad:
+            raise ValueError(f"MuSc layers {bad} out of range: the CLIP has blocks 1..{depth}")
+        self.layers = tuple(int(b) for b in layers)
+        self.batch_size = batch_size
+
+    def preprocess(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
+        """CLIP squash-resize + mean/std of the backbone (``size`` must equal its input size)."""
+        if size != self.backbone.image_size:
+            raise ValueError(
+                f"image_size={size} differs from the CLIP backbone's input size "
+                f"{self.backbone.image_size}; build the backbone with image_size={size}"
+            )
+        return self.backbone.preprocess(images)
+
+    def extract(self, x: torch.Tensor) -> PatchFeatures:
+        """(B, 3, S, S) -> raw block outputs (B, L, W) per layer and (B, D) embedding."""
+        out = self.backbone.encode_image_tokens(x, self.layers, batch_size=self.batch_size)
+        grid = (int(out.grid_size[0]), int(out.grid_size[1]))
+        tokens = [t[:, 1:, :] for t in out.tokens]
+        emb = self.backbone.project_tokens(out.final[:, 0], ln_post=True)
+        return PatchFeatures(tokens, [grid] * len(tokens), emb)
+
+    def describe(self) -> dict[str, Any]:
+        """Backbone settings plus the tapped blocks."""
+        info: dict[str, Any] = {"backbone_layers": list(self.layers)}
+        info.update(self.backbone.describe())
+        return info
+
+
+def resize_positions_bicubic(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Positional-embedding resize of the official MuSc code: bicubic, no antialias.
+
+    Args:
+        pos_embed: (1 + h0 * w0, W), CLS row first (kept as is).
+        old_grid: (h0, w0).
+        new_grid: (h, w).
+
+    Returns:
+        (1 + h * w, W) in the dtype of ``pos_embed`` (computed in float32).
+    """
+    h0, w0 = old_grid
+    if pos_embed.shape[0] != 1 + h0 * w0:
+        raise ValueError(f"positional embedding has {pos_embed.shape[0]} rows, not 1 + {h0}*{w0}")
+    if tuple(new_grid) == (h0, w0):
+        return pos_embed.clone()
+    width = pos_embed.shape[1]
+    g = pos_embed[1:].float().reshape(1, h0, w0, width).permute(0, 3, 1, 2)
+    g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=False)
+    g = g.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:1], g])
+
+
+def musc_clip_backbone(native: ClipBackbone, image_size: int, **kwargs: Any) -> ClipBackbone:
+    """Re-wrap a CLIP built at its *native* size for MuSc at ``image_size``, as the official code.
+
+    The official MuSc code resizes the positional embedding with bicubic interpolation (no
+    antialias), where ``ClipBackbone.set_image_size`` uses bilinear (the AdaptCLIP convention).
+    The wrapped open_clip model is modified in place and re-wrapped.
+
+    Args:
+        native: ClipBackbone whose positional embedding is still the pretrained one (built with
+            ``image_size=None``).
+        image_size: MuSc input side S (multiple of the patch size).
+        **kwargs: ``precision`` / ``device`` for ``ClipBackbone.from_open_clip``.
+
+    Returns:
+        A ClipBackbone at ``image_size``.
+    """
+    from torch import nn
+
+    from anomalens.backbones.clip import ClipBackbone
+
+    patch = native.patch_size
+    if image_size <= 0 or image_size % patch:
+        raise ValueError(f"image_size={image_size} must be a multiple of the patch size {patch}")
+    visual = native.model.visual
+    new_grid = (image_size // patch, image_size // patch)
+    pos = resize_positions_bicubic(visual.positional_embedding.detach(), native.grid_size, new_grid)
+    visual.positional_embedding = nn.Parameter(pos, requires_grad=False)
+    visual.grid_size = new_grid
+    visual.image_size = (image_size, image_size)
+    return ClipBackbone.from_open_clip(
+        native.model,
+        image_size=None,
+        mean=native.mean,
+        std=native.std,
+        interpolation=native.interpolation,
+        model_name=native.model_name,
+        pretrained=native.pretrained,
+        **kwargs,
+    )
+
+
+class CnnPatchExtractor:
+    """MuSc features from a CNN (:func:`anomalens.backbones.cnn.create_cnn_backbone`).
+
+    Each feature map (B, C, h, w) becomes (B, h * w, C) tokens on its own grid (MSM runs per
+    layer; the score maps are resized to the finest grid before fusion). The global embedding
+    for RsCIN is the spatial mean of the last map (normalised by MuSc).
+    """
+
+    def __init__(self, model: CNNFeatureExtractor) -> None:
+        self.model = model
+
+    def preprocess(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
+        """Squash-resize and normalise with the CNN preset's mean/std."""
+        return self.model.preprocess(images, size)
+
+    def extract(self, x: torch.Tensor) -> PatchFeatures:
+        """(B, 3, S, S) -> tokens per layer and (B, C_last) pooled embedding."""
+        maps = self.model(x)
+        tokens = [m.flatten(2).transpose(1, 2) for m in maps]
+        grids = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
+        return PatchFeatures(tokens, grids, maps[-1].mean(dim=(2, 3)))
+
+    def describe(self) -> dict[str, Any]:
+        p = self.model.preset
+        return {"backbone": p.name, "backbone_layers": list(p.layers), "tf_padding": p.tf_padding}
+
+
+def _native_clip_size(model_name: str) -> int | None:
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name)
+    if not cfg:
+        return None
+    size = cfg.get("vision_cfg", {}).get("image_size")
+    return int(size) if isinstance(size, int) else None
+
+
+@register_detector("musc")
+class MuSc(Detector):
+    """MuSc (ICLR 2024): batched zero-shot detection by mutual scoring of unlabeled images.
+
+    ``fit(None)`` is a no-op; ``predict(images)`` scores the batch against itself (give it all
+    test images of one category at once: results depend on the batch). At least 2 images are
+    needed; with fewer than 5 the default interval (smallest 30 % of the N - 1 per-image
+    distances) would be empty, so the smallest distance alone is used and a warning is issued
+    (the official code gives NaN there).
+
+    Args:
+        backbone: a CLIP architecture name (``"ViT-L-14-336"``, ``"ViT-B-16"``...), a CNN preset
+            name (``"mobilenet_v2_tf"``, ``"wide_resnet50_2"``...), a built ``ClipBackbone``, or
+            any :class:`PatchFeatureExtractor`.
+        pretrained: CLIP weights (open_clip tag, file, ``hf-hub:`` id; None = random).
+        weights: CNN weights (see ``create_cnn_backbone``; ignored for CLIP).
+        image_size: working size S (maps are S x S). 518 = official default.
+        layers: CLIP: 1-based blocks (default 6, 12, 18, 24); CNN: module names (default: the
+            preset's layers).
+        r: LNAMD degrees (odd).
+        topmin: MSM interval [min, max) of the sorted per-image NN distances (fractions of N-1).
+        k_list: RsCIN neighbourhood sizes (MVTec 1, 2, 3; VisA 1, 8, 9; containing 0 disables).
+        quick_gelu: CLIP MLP activation. None = as the official MuSc code: with OpenAI
+            weights QuickGELU only at the model's native size, plain GELU otherwise (what
+            produced the published 518-px numbers); other weights: the tag's / config's.
+        chunk_size: images per query / reference block of MSM (bounds memory: one
+            (chunk * L, chunk * L) distance block and a (chunk, L, N) NN matrix at a time).
+            None = the whole batch in one block.
+        batch_size: images per backbone forward.
+        feature_dtype: storage dtype of the per-layer tokens of the whole batch
+            (``"float16"`` halves the memory; computation stays float32).
+        device: torch device.
+    """
+
+    learning_type = LearningType.BATCH_ZERO_SHOT
+
+    def __init__(
+        self,
+        backbone: str | ClipBackbone | PatchFeatureExtractor = "ViT-L-14-336",
+        pretrained: str | None = "openai",
+        weights: str | None = None,
+        image_size: int = 518,
+        layers: Sequence[int] | Sequence[str] | None = None,
+        r: Sequence[int] = (1, 3, 5),
+        topmin: tuple[float, float] = (0.0, 0.3),
+        k_list: Sequence[int] = (1, 2, 3),
+        quick_gelu: bool | None = None,
+        chunk_size: int | None = 8,
+        batch_size: int = 4,
+        feature_dtype: str = "float32",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(device=device)
+        if not r or any(int(v) < 1 or int(v) % 2 == 0 for v in r):
+            raise ValueError(f"r must be a non-empty list of odd integers >= 1, got {list(r)}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if feature_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"feature_dtype must be float32, float16 or bfloat16, got {feature_dtype!r}"
+            )
+        self.image_size = int(image_size)
+        self.r = tuple(int(v) for v in r)
+        self.topmin = (float(topmin[0]), float(topmin[1]))
+        interval_bounds(10, *self.topmin)  # validates the interval early
+        self.k_list = tuple(int(k) for k in k_list)
+        self.chunk_size = chunk_size
+        self.batch_size = int(batch_size)
+        self.feature_dtype = getattr(torch, feature_dtype)
+        self.extractor = self._build_extractor(backbone, pretrained, weights, layers, quick_gelu)
+
+    # ---------------------------------------------------------------------- construction
+    def _build_extractor(
+        self,
+        backbone: str | ClipBackbone | PatchFeatureExtractor,
+        pretrained: str | None,
+        weights: str | None,
+        layers: Sequence[int] | Sequence[str] | None,
+        quick_gelu: bool | None,
+    ) -> PatchFeatureExtractor:
+        if isinstance(backbone, PatchFeatureExtractor):
+            if layers is not None:
+                raise ValueError("layers= is set by the given feature extractor, not by MuSc")
+            return backbone
+        if not isinstance(backbone, str):
+            ext = ClipPatchExtractor(backbone, layers)  # type: ignore[arg-type]
+            if ext.backbone.image_size != self.image_size:
+                raise ValueError(
+                    f"image_size={self.image_size} differs from the ClipBackbone's input size "
+                    f"{ext.backbone.image_size}; pass image_size={ext.backbone.image_size} or "
+                    "build the backbone at the wanted size (musc_clip_backbone)"
+                )
+            ext.backbone.to(self.device)
+            return ext
+        from anomalens.backbones.presets import CNN_PRESETS
+
+        if backbone in CNN_PRESETS:
+            from anomalens.backbones.cnn import create_cnn_backbone
+
+            names = [str(v) for v in layers] if layers is not None else None
+            model = create_cnn_backbone(backbone, weights=weights, layers=names)
+            return CnnPatchExtractor(model.to(self.device))
+        import open_clip
+
+        if backbone not in open_clip.list_models():
+            raise ValueError(
+                f"unknown MuSc backbone {backbone!r}: expected a CLIP model name "
+                f"(e.g. ViT-L-14-336, ViT-B-16) or a CNN preset ({', '.join(sorted(CNN_PRESETS))})"
+            )
+        from anomalens.backbones.clip import ClipBackbone
+
+        if quick_gelu is None and pretrained == "openai":
+            quick_gelu = _native_clip_size(backbone) == self.image_size
+        native = ClipBackbone.create(
+            backbone, pretrained=pretrained, image_size=None, force_quick_gelu=quick_gelu
+        )
+        clip = musc_clip_backbone(native, self.image_size, device=self.device)
+        int_layers = [int(v) for v in layers] if layers is not None else None
+        return ClipPatchExtractor(clip, int_layers)
+
+    # --------------------------------------------------------------------------- interface
+    def _fit(self, normal_images: list[ImageLike]) -> None:
+        """Nothing to learn: MuSc is zero-shot (normal images, if given, are ignored)."""
+        if normal_images:
+            warnings.warn(
+                "MuSc is zero-shot: the normal images given to fit() are ignored",
+                stacklevel=3,
+            )
+
+    def _predict(self, images: list[ImageLike]) -> Prediction:
+        n = len(images)
+        if n < 2:
+            raise ValueError(
+                "MuSc needs a batch of unlabeled images scored against each other: predict() "
+                f"got {n} image; pass all test images of a category at once (>= "
+                f"{MIN_IMAGES_FOR_DEFAULT_INTERVAL} recommended)"
+            )
+        if n < MIN_IMAGES_FOR_DEFAULT_INTERVAL:
+            warnings.warn(
+                f"MuSc got only {n} images: the interval average of the smallest "
+                f"{self.topmin[1]:.0%} of the other images' distances is empty below "
+                f"{MIN_IMAGES_FOR_DEFAULT_INTERVAL} images; using the nearest image only",
+                stacklevel=3,
+            )
+        feats = self.extract_features(images)
+        maps, raw, patch_maps = self.score_features(feats.tokens, feats.grids)
+        emb = F.normalize(feats.embedding.float().cpu(), dim=-1)
+        score = rscin(raw, emb, self.k_list)
+        return Prediction(
+            image_score=score.float(),
+            anomaly_map=maps,
+            extras={"score_before_rscin": raw, "patch_map": patch_maps.float().cpu()},
+        )
+
+    # ------------------------------------------------------------------------------ stages
+    def extract_features(self, images: Sequence[ImageLike]) -> PatchFeatures:
+        """Run the backbone over ``images`` in batches of ``batch_size``.
+
+        Returns:
+            PatchFeatures with tokens (N, L_l, C_l) stored as ``feature_dtype`` on the device.
+        """
+        tokens: list[list[torch.Tensor]] = []
+        embs: list[torch.Tensor] = []
+        grids: list[tuple[int, int]] = []
+        for b0 in range(0, len(images), self.batch_size):
+            x = self.extractor.preprocess(images[b0 : b0 + self.batch_size], self.image_size)
+            out = self.extractor.extract(x.to(self.device))
+            if not tokens:
+                tokens = [[] for _ in out.tokens]
+                grids = list(out.grids)
+            for acc, t in zip(tokens, out.tokens):
+                acc.append(t.to(self.feature_dtype))
+            embs.append(out.embedding.float())
+        return PatchFeatures([torch.cat(t) for t in tokens], grids, torch.cat(embs))
+
+    def score_features(
+        self, tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LNAMD + MSM + fusion + upsampling + image score for the whole batch.
+
+        Args:
+            tokens: per layer, (N, L_l, C_l) patch tokens.
+            grids: per layer, (h_l, w_l).
+
+        Returns:
+            maps: (N, S, S) float32 pixel maps on the CPU (upsampled in float64);
+            raw_scores: (N,) float64 max of each float64 map (before RsCIN), on the CPU;
+            patch_maps: (N, h, w) float64 fused patch scores on the finest grid.
+        """
+        n = int(tokens[0].shape[0])
+        target = max(grids, key=lambda g: g[0] * g[1])
+        per_r: list[torch.Tensor] = []
+        for r in self.r:
+            per_layer: list[torch.Tensor] = []
+            for feats, grid in zip(tokens, grids):
+                z = torch.cat(
+                    [
+                        lnamd(feats[i : i + self.batch_size].float(), grid, r)
+                        for i in range(0, n, self.batch_size)
+                    ]
+                )
+                s = mutual_scores(z, *self.topmin, self.chunk_size, self.chunk_size)
+                del z
+                s = s.double().view(n, *grid)
+                if tuple(grid) != tuple(target):
+                    s = upsample_maps(s, target)
+                per_layer.append(s.flatten(1))
+            per_r.append(torch.stack(per_layer))
+        patch = fuse_scores(torch.stack(per_r)).view(n, *target)
+        maps = torch.empty(n, self.image_size, self.image_size, dtype=torch.float32)
+        raw = torch.empty(n, dtype=torch.float64)
+        for i in range(0, n, 16):  # float64 upsampling in slices: bounded memory for big N
+            up = upsample_maps(patch[i : i + 16], self.image_size)
+            raw[i : i + 16] = max_scores(up).cpu()
+            maps[i : i + 16] = up.float().cpu()
+        return maps, raw, patch
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg.update(
+            {
+                "r": list(self.r),
+                "topmin": list(self.topmin),
+                "k_list": list(self.k_list),
+                "chunk_size": self.chunk_size,
+                "feature_dtype": str(self.feature_dtype).removeprefix("torch."),
+            }
+        )
+        cfg.update(self.extractor.describe())
+        return cfg

@@ -1,0 +1,278 @@
+"""MuSc scoring stages as pure tensor functions: LNAMD, MSM (mutual scoring), fusion, RsCIN.
+
+MuSc (Li et al., ICLR 2024) scores a *batch* of unlabeled test images against each other:
+
+1. :func:`lnamd` aggregates the patch tokens of one layer over r x r neighbourhoods
+   (LayerNorm over the whole (C, h, w) map, zero-padded r x r mean, L2 normalisation).
+2. :func:`mutual_scores` gives every patch of image i the mean of the smallest (default 30 %)
+   of its nearest-neighbour distances to each other image j != i. It streams over blocks of
+   query and reference images, so memory is bounded by the block sizes, and the result equals
+   the single-block computation.
+3. :func:`fuse_scores` averages the (layer, r) score maps (float64), :func:`upsample_maps`
+   resizes them bilinearly (``align_corners=True``), :func:`max_scores` takes the image score.
+4. :func:`rscin` re-scores the image scores with a similarity graph over global embeddings.
+
+Every function is device-agnostic; shapes are given in the docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MIN_IMAGES_FOR_DEFAULT_INTERVAL",
+    "fuse_scores",
+    "interval_bounds",
+    "lnamd",
+    "max_scores",
+    "minmax_normalize",
+    "mutual_scores",
+    "nn_distances",
+    "rscin",
+    "upsample_maps",
+]
+
+#: Smallest batch for which the default interval [0, 0.3) of the N-1 distances is non-empty
+#: (floor(0.3 * 4) = 1). Smaller batches use the guard documented in :func:`interval_bounds`.
+MIN_IMAGES_FOR_DEFAULT_INTERVAL = 5
+
+
+# --------------------------------------------------------------------------------- LNAMD
+def lnamd(tokens: torch.Tensor, grid: tuple[int, int], r: int, eps: float = 1e-5) -> torch.Tensor:
+    """Local Neighbourhood Aggregation with one degree ``r`` (MuSc LNAMD).
+
+    Per image: LayerNorm over the whole (C, h, w) map (one mean / variance per image, no
+    affine), per-channel mean over the r x r neighbourhood with zero padding counted in the
+    divisor (identity for r = 1), then L2 normalisation of every position.
+
+    Args:
+        tokens: (B, L, C) patch tokens without class token, L = h * w in row-major order.
+        grid: (h, w) patch grid.
+        r: odd neighbourhood size >= 1.
+        eps: LayerNorm epsilon.
+
+    Returns:
+        (B, L, C) unit vectors (same dtype as ``tokens``).
+    """
+    return _l2_normalize(lnamd_unnormalized(tokens, grid, r, eps))
+
+
+def lnamd_unnormalized(
+    tokens: torch.Tensor, grid: tuple[int, int], r: int, eps: float = 1e-5
+) -> torch.Tensor:
+    """LNAMD before the final L2 normalisation (see :func:`lnamd`).
+
+    Returns:
+        (B, L, C) aggregated features.
+    """
+    if r < 1 or r % 2 == 0:
+        raise ValueError(f"LNAMD degree r must be an odd integer >= 1, got r={r}")
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must be (B, L, C), got shape {tuple(tokens.shape)}")
+    b, n, c = tokens.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"grid {grid} has {h * w} positions but tokens have L={n}")
+    x = tokens.transpose(1, 2).reshape(b, c, h, w)
+    x = F.layer_norm(x, (c, h, w), eps=eps)
+    if r > 1:
+        x = F.avg_pool2d(x, r, stride=1, padding=(r - 1) // 2, count_include_pad=True)
+    return x.reshape(b, c, n).transpose(1, 2)
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------------- MSM
+def interval_bounds(
+    num_others: int, topmin_min: float = 0.0, topmin_max: float = 0.3
+) -> tuple[int, int]:
+    """Rank interval [lo, hi) of the sorted per-image NN distances that MSM averages.
+
+    Fractions (< 1) are taken of ``num_others`` = N - 1 and floored, values >= 1 are counts
+    (as the official code). **Small-batch guard** (differs from the official code, which
+    returns an empty interval and NaN scores for N < 5): the interval is clamped to hold at
+    least one rank, ``hi = max(hi, lo + 1)``, inside ``[0, num_others)``. So N = 2..4 images
+    with the defaults average the smallest distance only.
+
+    Args:
+        num_others: N - 1 >= 1, the number of other images each image is compared with.
+        topmin_min: lower bound (fraction or count).
+        topmin_max: upper bound (fraction or count), > topmin_min.
+
+    Returns:
+        (lo, hi) with 0 <= lo < hi <= num_others.
+    """
+    if num_others < 1:
+        raise ValueError(
+            "MuSc mutual scoring needs at least 2 images (each image is scored against the "
+            f"others), got {num_others + 1}"
+        )
+    if not 0 <= topmin_min < topmin_max:
+        raise ValueError(f"need 0 <= topmin_min < topmin_max, got {topmin_min}, {topmin_max}")
+
+    def to_rank(v: float) -> int:
+        return math.floor(v * num_others) if v < 1 else int(v)
+
+    lo = min(to_rank(topmin_min), num_others - 1)
+    hi = min(max(to_rank(topmin_max), lo + 1), num_others)
+    return lo, hi
+
+
+def nn_distances(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every query patch to its nearest patch in each reference image.
+
+    Uses ``torch.cdist`` (matrix-product formula in float32, as the official code).
+
+    Args:
+        queries: (Q, L, C) patch features of Q query images.
+        references: (R, M, C) patch features of R reference images.
+
+    Returns:
+        (Q, L, R): ``out[i, p, j] = min_q || queries[i, p] - references[j, q] ||``.
+    """
+    q, n, c = queries.shape
+    r, m, _ = references.shape
+    d = torch.cdist(queries.reshape(q * n, c), references.reshape(r * m, c))
+    return d.view(q * n, r, m).amin(dim=2).view(q, n, r)
+
+
+def mutual_scores(
+    features: torch.Tensor,
+    topmin_min: float = 0.0,
+    topmin_max: float = 0.3,
+    query_chunk: int | None = None,
+    ref_chunk: int | None = None,
+) -> torch.Tensor:
+    """MuSc Mutual Scoring Mechanism (MSM) for one (layer, r) feature set.
+
+    Every patch p of image i gets the mean of the ranks [lo, hi) (see :func:`interval_bounds`)
+    of the sorted distances ``{ min_q ||Z[i, p] - Z[j, q]|| : j != i }``.
+
+    Streaming: query images are processed in blocks of ``query_chunk`` and compared with
+    reference blocks of ``ref_chunk`` images; only a (query_chunk, L, N) matrix of NN
+    distances and one (query_chunk * L, ref_chunk * L) distance block are alive at a time.
+    Block sizes change only the batching of ``cdist``, not the values reduced (equal to the
+    unchunked result up to matrix-product rounding, ~1e-7).
+
+    Args:
+        features: (N, L, C) features, N >= 2 (unit vectors from :func:`lnamd`).
+        topmin_min: lower bound of the averaged interval (fraction of N - 1 or count).
+        topmin_max: upper bound of the averaged interval (fraction of N - 1 or count).
+        query_chunk: query images per block (None: all N).
+        ref_chunk: reference images per block (None: all N).
+
+    Returns:
+        (N, L) float32 patch scores (on the device of ``features``).
+    """
+    if features.ndim != 3:
+        raise ValueError(f"features must be (N, L, C), got shape {tuple(features.shape)}")
+    n, length, _ = features.shape
+    lo, hi = interval_bounds(n - 1, topmin_min, topmin_max)
+    qc = n if query_chunk is None else int(query_chunk)
+    rc = n if ref_chunk is None else int(ref_chunk)
+    if qc < 1 or rc < 1:
+        raise ValueError(f"chunk sizes must be >= 1, got query_chunk={qc}, ref_chunk={rc}")
+    out = torch.empty(n, length, dtype=torch.float32, device=features.device)
+    for q0 in range(0, n, qc):
+        q1 = min(q0 + qc, n)
+        dist = torch.empty(q1 - q0, length, n, dtype=torch.float32, device=features.device)
+        for r0 in range(0, n, rc):
+            r1 = min(r0 + rc, n)
+            dist[:, :, r0:r1] = nn_distances(features[q0:q1], features[r0:r1]).float()
+        own = torch.arange(q0, q1, device=features.device)
+        dist[torch.arange(q1 - q0, device=features.device), :, own] = float("inf")
+        smallest = torch.topk(dist, hi, dim=2, largest=False, sorted=True).values
+        out[q0:q1] = smallest[:, :, lo:hi].mean(dim=2)
+    return out
+
+
+# ------------------------------------------------------------------------- maps and scores
+def fuse_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Average MSM scores over layers, then over degrees r, in float64.
+
+    Args:
+        scores: (R, Lyr, N, L) scores for R degrees and Lyr layers.
+
+    Returns:
+        (N, L) float64 fused patch scores.
+    """
+    if scores.ndim != 4:
+        raise ValueError(f"scores must be (R, layers, N, L), got shape {tuple(scores.shape)}")
+    return scores.double().mean(dim=1).mean(dim=0)
+
+
+def upsample_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling with ``align_corners=True`` (no smoothing), in the input dtype.
+
+    Args:
+        maps: (N, h, w) patch-level maps.
+        size: output size S or (H, W).
+
+    Returns:
+        (N, H, W) maps.
+    """
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(maps[:, None], size=hw, mode="bilinear", align_corners=True)[:, 0]
+
+
+def max_scores(maps: torch.Tensor) -> torch.Tensor:
+    """Image score = max over pixels. (N, H, W) -> (N,)."""
+    return maps.flatten(1).amax(dim=1)
+
+
+# ----------------------------------------------------------------------------------- RsCIN
+def minmax_normalize(scores: torch.Tensor) -> torch.Tensor:
+    """(s - min) / (max - min) over the batch; all-equal scores map to 0 (no NaN). (N,) -> (N,)."""
+    lo = scores.min()
+    span = scores.max() - lo
+    if span == 0:
+        return torch.zeros_like(scores)
+    return (scores - lo) / span
+
+
+def rscin(
+    scores: torch.Tensor, embeddings: torch.Tensor, k_list: Sequence[int] = (1, 2, 3)
+) -> torch.Tensor:
+    """Re-scoring with Constrained Image-level Neighbourhood (RsCIN), in float32.
+
+    Scores are min-max normalised; W = G G^T (cosine similarities, diagonal included); for each
+    k the k largest entries of every row are kept (k = 1: the image itself), rows are divided
+    by their sums, and the normalised scores are averaged with these weights. The result is
+    the mean over ``k_list``. ``k_list`` empty or containing 0 disables RsCIN (the input scores
+    are returned as float32). k larger than N is clamped to N.
+
+    Args:
+        scores: (N,) image scores.
+        embeddings: (N, D) L2-normalised global image embeddings.
+        k_list: neighbourhood sizes (MVTec default 1, 2, 3; VisA 1, 8, 9).
+
+    Returns:
+        (N,) float32 re-scored image scores.
+    """
+    if scores.ndim != 1 or embeddings.ndim != 2 or embeddings.shape[0] != scores.shape[0]:
+        raise ValueError(
+            "rscin needs scores (N,) and embeddings (N, D) with the same N, got "
+            f"{tuple(scores.shape)} and {tuple(embeddings.shape)}"
+        )
+    if len(k_list) == 0 or 0 in k_list:
+        return scores.float()
+    if min(k_list) < 0:
+        raise ValueError(f"k_list entries must be >= 0, got {list(k_list)}")
+    n = scores.shape[0]
+    s = minmax_normalize(scores).float()
+    g = embeddings.float()
+    sim = g @ g.T
+    out = torch.zeros(n, dtype=torch.float32, device=scores.device)
+    for k in k_list:
+        kk = min(int(k), n)
+        idx = torch.topk(sim, kk, dim=1, largest=True).indices
+        w = torch.zeros_like(sim).scatter_(1, idx, sim.gather(1, idx))
+        w = w / w.sum(dim=1, keepdim=True)
+        out += w @ s
+    return out / len(k_list)
