@@ -69,3 +69,35 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@register_detector("toy-batch")
+class ToyBatchDetector(ToyDetector):
+    """Test-only batch zero-shot detector: deviation from the mean of the scored batch."""
+
+    learning_type = LearningType.BATCH_ZERO_SHOT
+
+    def _fit(self, normal_images: list[ImageLike]) -> None:
+        self.reference = None
+
+    def _predict(self, images: list[ImageLike]) -> Prediction:
+        if len(images) < 2:
+            raise ValueError("toy-batch needs a batch of images")
+        grey = self._grey(images)
+        maps = (grey - grey.mean(0, keepdim=True)).abs()
+        return Prediction(maps.flatten(1).max(1).values, maps)
+
+
+@register_detector("toy-zero")
+class ToyZeroShotDetector(ToyDetector):
+    """Test-only zero-shot detector with probability-like scores (brightness)."""
+
+    learning_type = LearningType.ZERO_SHOT
+    default_threshold = 0.5
+
+    def _fit(self, normal_images: list[ImageLike]) -> None:
+        self.reference = None
+
+    def _predict(self, images: list[ImageLike]) -> Prediction:
+        maps = self._grey(images)
+        return Prediction(maps.flatten(1).max(1).values, maps)

@@ -26,6 +26,7 @@ from anomalens.data.io import ImageReadError, load_image
 from anomalens.detectors.base import Detector
 from anomalens.thresholds import (
     Threshold,
+    batch_robust_threshold,
     calibrate_leave_one_out,
     calibrate_on_normals,
     fixed_threshold,
@@ -98,7 +99,8 @@ def _set_threshold(
     detector: Detector,
     shots: list[np.ndarray],
     errors: list[dict[str, str]],
-) -> Threshold:
+) -> Threshold | None:
+    """The run's threshold, or None when it is derived from the scored batch itself."""
     if spec.fixed is not None:
         return fixed_threshold(spec.fixed, spec.pixel_fixed)
     if spec.calibration:
@@ -107,6 +109,16 @@ def _set_threshold(
             detector, normals, percentile=spec.percentile or 99.0, margin=spec.margin
         )
     if not shots:
+        if detector.default_threshold is not None:
+            thr = fixed_threshold(detector.default_threshold)
+            thr.method = "default"
+            thr.details = {
+                "source": f"{detector.name} scores are anomaly probabilities; 0.5 used because "
+                "no normal image, calibration folder or --threshold was given"
+            }
+            return thr
+        if detector.learning_type is LearningType.BATCH_ZERO_SHOT:
+            return None  # batch-robust: set from the batch's own scores after scoring
         raise ValueError(
             "no way to set a threshold: give normal images (--normal, leave-one-out), "
             "a --calibration folder of normal images, or a fixed --threshold"
@@ -177,6 +189,21 @@ def run_predict(
     if not image_paths:
         raise ValueError("no image to inspect")
     names = _unique_names(image_paths)
+    precomputed: dict[Path, tuple[float, np.ndarray, float]] = {}
+    if thr is None:
+        # batch methods score every image in one call; the batch sets its own threshold
+        n_err = len(errors)
+        loaded_all = load_images_reporting(image_paths, errors)
+        del errors[n_err:]  # reported once, when the images are read below
+        if len(loaded_all) < 3:
+            raise ValueError(f"{detector.name} needs a batch of at least 3 readable images")
+        tb = time.perf_counter()
+        all_scores, all_maps = detector.predict([im for _, im in loaded_all]).to_numpy()
+        per = (time.perf_counter() - tb) / len(loaded_all)
+        thr = batch_robust_threshold(all_scores, all_maps)
+        precomputed = {
+            p: (float(sc), mp, per) for (p, _), sc, mp in zip(loaded_all, all_scores, all_maps)
+        }
     settings = _settings_key(detector, thr, image_paths)
     jsonl = out / "results.jsonl"
     run_json = out / "run.json"
@@ -209,9 +236,14 @@ def run_predict(
             if not loaded:
                 bar.update(len(chunk))
                 continue
-            tb = time.perf_counter()
-            scores, maps = detector.predict([im for _, im in loaded]).to_numpy()
-            per_image = (time.perf_counter() - tb) / len(loaded)
+            if all(p in precomputed for p, _ in loaded):
+                scores = [precomputed[p][0] for p, _ in loaded]
+                maps = [precomputed[p][1] for p, _ in loaded]
+                per_image = precomputed[loaded[0][0]][2]
+            else:
+                tb = time.perf_counter()
+                scores, maps = detector.predict([im for _, im in loaded]).to_numpy()
+                per_image = (time.perf_counter() - tb) / len(loaded)
             for (p, im), s, m in zip(loaded, scores, maps):
                 name = name_of[p]
                 h, w = im.shape[:2]

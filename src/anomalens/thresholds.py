@@ -5,6 +5,8 @@ Three policies, each recorded with the results (``Threshold.to_dict``):
 * ``fixed``: a value given by the user.
 * ``normal-folder``: score a separate folder of normal images with the fitted detector and take
   a percentile of their scores (times an optional margin).
+* ``batch-robust`` (batch zero-shot methods such as MuSc, with no normal image): the scored
+  batch itself, assumed mostly normal (MuSc's own premise): median + k · 1.4826 · MAD.
 * ``leave-one-out``: with k >= 2 shots, fit on k-1 shots and score the held-out one, k times;
   the threshold is a percentile of those k held-out scores (default: the maximum) times a margin.
   For zero-shot detectors the k shots are simply scored (nothing to leave out).
@@ -25,7 +27,13 @@ from anomalens.data.io import ImageLike
 from anomalens.detectors.base import Detector
 from anomalens.types import LearningType
 
-__all__ = ["Threshold", "calibrate_leave_one_out", "calibrate_on_normals", "fixed_threshold"]
+__all__ = [
+    "Threshold",
+    "batch_robust_threshold",
+    "calibrate_leave_one_out",
+    "calibrate_on_normals",
+    "fixed_threshold",
+]
 
 
 @dataclass
@@ -168,4 +176,33 @@ def calibrate_leave_one_out(
         margin,
         pixel_percentile,
         {"num_shots": len(shots)},
+    )
+
+
+def batch_robust_threshold(scores: np.ndarray, maps: np.ndarray, *, k: float = 3.0) -> Threshold:
+    """Outlier threshold from a batch that is mostly normal: median + k · 1.4826 · MAD.
+
+    For batch zero-shot methods (MuSc) run without any normal image. The pixel threshold uses
+    the same rule on the pixel values of the maps (a seeded sample of at most 10^6 pixels).
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.size < 3:
+        raise ValueError("a batch-robust threshold needs at least 3 scored images")
+
+    def rule(x: np.ndarray) -> float:
+        med = float(np.median(x))
+        mad = float(np.median(np.abs(x - med))) * 1.4826
+        return med + k * max(mad, 1e-12)
+
+    pix = np.asarray(maps, dtype=np.float32).reshape(-1)
+    if pix.size > 1_000_000:
+        pix = np.random.default_rng(0).choice(pix, 1_000_000, replace=False)
+    pixel_value = rule(pix)
+    lo = float(np.percentile(pix, 1.0))
+    return Threshold(
+        value=rule(scores),
+        pixel_value=pixel_value,
+        method="batch-robust",
+        details={"k": k, "num_scores": int(scores.size), "rule": "median + k*1.4826*MAD"},
+        vis_range=(lo, max(2.0 * pixel_value - lo, pixel_value + 1e-6)),
     )

@@ -203,3 +203,52 @@ def test_weights_commands_cycle(tmp_path, capsys, monkeypatch):
 
 def test_parser_builds():
     assert build_parser().prog == "anomalens"
+
+
+def test_train_then_predict_with_the_checkpoint(synthetic_root, tmp_path, capsys):
+    """`anomalens train` writes a checkpoint that `predict --checkpoint` loads (tiny CLIP)."""
+    for method in ("adaptclip", "anomalyclip"):
+        ckpt = tmp_path / f"{method}.safetensors"
+        rc = main(
+            [
+                "train",
+                method,
+                "--dataset",
+                "mvtec",
+                "--root",
+                str(synthetic_root),
+                "--backbone",
+                "anomalens-tiny-clip@64",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--out",
+                str(ckpt),
+                "-q",
+            ]
+        )
+        assert rc == 0 and ckpt.is_file()
+        cat = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+        args = [
+            "predict",
+            "--method",
+            method,
+            "--backbone",
+            "anomalens-tiny-clip@64",
+            "--checkpoint",
+            str(ckpt),
+            "--images",
+            str(cat / "test"),
+            "--recursive",
+            "--out",
+            str(tmp_path / f"pred_{method}"),
+            "-q",
+        ]
+        if method == "adaptclip":
+            args += ["--normal", str(cat / "train" / "good")]
+        assert main(args) == 0
+        run = json.loads((tmp_path / f"pred_{method}" / "run.json").read_text())
+        assert run["settings"]["detector"]["method"] == method
+    out = capsys.readouterr().out
+    assert "checkpoint:" in out

@@ -129,3 +129,39 @@ def test_few_shot_method_without_normals_is_a_clear_error(folders, tmp_path):
         run_predict(
             lambda: create_detector("toy"), sorted(images.iterdir()), tmp_path / "o", progress=False
         )
+
+
+def test_zero_shot_without_normals_uses_the_method_default(folders, tmp_path):
+    _, images = folders
+    s = run_predict(
+        lambda: create_detector("toy-zero"),
+        sorted(images.iterdir()),
+        tmp_path / "z",
+        progress=False,
+    )
+    assert s.threshold.method == "default" and s.threshold.value == 0.5
+    verdicts = {Path(r["path"]).name: r["decision"] for r in s.rows}
+    assert verdicts == {"defect.png": "anomalous", "good.png": "normal"}  # max 255/255 vs 120/255
+
+
+def test_batch_method_sets_a_robust_threshold_from_its_own_batch(tmp_path):
+    images = tmp_path / "batch"
+    for i in range(6):
+        _write(images, f"g{i}.png", np.full((32, 32, 3), 100 + i, np.uint8))
+    bad = np.full((32, 32, 3), 100, np.uint8)
+    bad[5:15, 5:15] = 250
+    _write(images, "bad.png", bad)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    calls = []
+
+    def factory():
+        det = create_detector("toy-batch")
+        orig = det._predict
+        det._predict = lambda ims: (calls.append(len(ims)), orig(ims))[1]
+        return det
+
+    s = run_predict(factory, sorted(images.iterdir()), tmp_path / "o", progress=False)
+    assert calls == [7]  # one batch call: the threshold reuses the scores
+    assert s.threshold.method == "batch-robust" and s.num_errors == 1
+    flagged = [Path(r["path"]).name for r in s.rows if r["decision"] == "anomalous"]
+    assert flagged == ["bad.png"]

@@ -52,6 +52,9 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         k, v = item.split("=", 1)
         kwargs[k.strip().replace("-", "_")] = _parse_value(v)
     params = inspect.signature(cls.__init__).parameters
+    if "weights" in kwargs and "weights" not in params and "pretrained" in params:
+        # CLIP methods call their backbone weights ``pretrained`` (open_clip's word)
+        kwargs["pretrained"] = kwargs.pop("weights")
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         bad = [k for k in kwargs if k not in params]
         if bad:

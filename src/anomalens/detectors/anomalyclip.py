@@ -141,6 +141,7 @@ class AnomalyCLIP(Detector):
     """
 
     learning_type = LearningType.ZERO_SHOT
+    default_threshold = 0.5  # image scores are anomaly probabilities in [0, 1]
 
     def __init__(
         self,

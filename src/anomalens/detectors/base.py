@@ -35,6 +35,9 @@ class Detector(abc.ABC):
     name: ClassVar[str] = "detector"
     learning_type: ClassVar[LearningType] = LearningType.FEW_SHOT
     image_size: int = 224
+    #: Threshold used when the user gives neither normal images nor a threshold: set by methods
+    #: whose scores are anomaly probabilities in [0, 1] (0.5); None = no sensible default.
+    default_threshold: ClassVar[float | None] = None
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)

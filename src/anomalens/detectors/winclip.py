@@ -69,6 +69,7 @@ class WinCLIP(Detector):
     """
 
     learning_type = LearningType.ZERO_OR_FEW_SHOT
+    default_threshold = 0.5  # image scores are anomaly probabilities in [0, 1]
 
     def __init__(
         self,
