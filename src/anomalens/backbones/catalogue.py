@@ -28,4 +28,37 @@ WEIGHTS: tuple[WeightSpec, ...] = (
         filename="mobilenet_v2-b0353104.pth",
         description="torchvision MobileNetV2, ImageNet-1k (IMAGENET1K_V1)",
     ),
+    WeightSpec(
+        name="resnet50",
+        source="https://download.pytorch.org/models/resnet50-0676ba61.pth",
+        filename="resnet50-0676ba61.pth",
+        description="torchvision ResNet-50, ImageNet-1k (IMAGENET1K_V1)",
+    ),
+    WeightSpec(
+        name="efficientnet_b0",
+        source="https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth",
+        filename="efficientnet_b0_rwightman-7f5810bc.pth",
+        description="torchvision EfficientNet-B0, ImageNet-1k (IMAGENET1K_V1)",
+    ),
+    WeightSpec(
+        name="efficientnet_b4",
+        source="https://download.pytorch.org/models/efficientnet_b4_rwightman-23ab8bcd.pth",
+        filename="efficientnet_b4_rwightman-23ab8bcd.pth",
+        description="torchvision EfficientNet-B4, ImageNet-1k (IMAGENET1K_V1); MVG paper backbone",
+    ),
+    # CLIP, open_clip format on the Hugging Face hub. Use with ClipBackbone.create(...,
+    # pretrained="<name>") or ClipBackbone.from_preset(..., pretrained="<name>").
+    WeightSpec(
+        name="clip-vit-l-14-336-openai",
+        source="hf-hub:timm/vit_large_patch14_clip_336.openai/open_clip_model.safetensors",
+        filename="clip-vit-l-14-336-openai.safetensors",
+        description="OpenAI CLIP ViT-L/14@336 (open_clip ViT-L-14-336, QuickGELU); AdaptCLIP, "
+        "AnomalyCLIP, MuSc",
+    ),
+    WeightSpec(
+        name="clip-vit-b-16-plus-240-laion400m-e31",
+        source="hf-hub:timm/vit_base_patch16_plus_clip_240.laion400m_e31/open_clip_model.safetensors",
+        filename="clip-vit-b-16-plus-240-laion400m-e31.safetensors",
+        description="open_clip ViT-B-16-plus-240, LAION-400M epoch 31; WinCLIP, AdaptCLIP light",
+    ),
 )
