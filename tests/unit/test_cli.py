@@ -10,7 +10,7 @@ import pytest
 
 from anomalens.cli.main import build_parser, main
 
-SUBCOMMANDS = ["list", "predict", "benchmark", "synth", "demo", "weights"]
+SUBCOMMANDS = ["list", "predict", "benchmark", "synth", "demo", "weights", "train", "serve"]
 
 
 @pytest.mark.parametrize("cmd", [[], *([c] for c in SUBCOMMANDS)])

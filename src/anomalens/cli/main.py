@@ -385,12 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--to", help="destination (default: the cache folder)")
     s.set_defaults(func=cmd_weights)
 
-    try:
-        from anomalens.training.cli import add_train_parser
+    from anomalens.service.cli import add_serve_parser
+    from anomalens.training.cli import add_train_parser
 
-        add_train_parser(sub, _add_method_flags)
-    except ImportError:
-        pass
+    add_train_parser(sub, _add_method_flags)
+    add_serve_parser(sub)
     return p
 
 

@@ -14,6 +14,8 @@ order is state-major (all templates of the first state, then the second state, .
 
 from __future__ import annotations
 
+from anomalens.prompts import templates as _templates
+
 __all__ = [
     "ABNORMAL_STATES",
     "NORMAL_STATES",
@@ -26,50 +28,12 @@ __all__ = [
 #: Object word used in every static sentence (AdaptCLIP never uses the category name).
 OBJECT_WORD = "object"
 
-#: State phrases of a normal object; ``{}`` is the object word.
-NORMAL_STATES: tuple[str, ...] = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
-
-#: State phrases of an abnormal object; ``{}`` is the object word (no "broken").
-ABNORMAL_STATES: tuple[str, ...] = (
-    "damaged {}",
-    "{} with flaw",
-    "{} with defect",
-    "{} with damage",
-)
-
-#: The 21 sentence templates; ``{}`` is the state phrase. The jpeg template is repeated on
-#: purpose: the anchors are means, so the repetition weights it twice, as in the official code.
-TEMPLATES: tuple[str, ...] = (
-    "a cropped photo of the {}.",
-    "a close-up photo of a {}.",
-    "a close-up photo of the {}.",
-    "a bright photo of a {}.",
-    "a bright photo of the {}.",
-    "a dark photo of the {}.",
-    "a dark photo of a {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a blurry photo of the {}.",
-    "a blurry photo of a {}.",
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a photo of a small {}.",
-    "a photo of the small {}.",
-    "a photo of a large {}.",
-    "a photo of the large {}.",
-    "a photo of the {} for visual inspection.",
-    "a photo of a {} for visual inspection.",
-    "a photo of the {} for anomaly detection.",
-    "a photo of a {} for anomaly detection.",
-)
+#: The 7 normal / 4 abnormal state phrases and the 21 templates are WinCLIP's compositional
+#: prompt ensemble as anomalib lists it ("a jpeg corrupted photo of the {}." twice: the anchors
+#: are means, so the repetition weights it twice, as in the official code).
+NORMAL_STATES = _templates.NORMAL_STATES
+ABNORMAL_STATES = _templates.ANOMALOUS_STATES
+TEMPLATES = _templates.ANOMALIB_TEMPLATES
 
 
 def static_sentences(object_word: str = OBJECT_WORD) -> tuple[list[str], list[str]]:

@@ -1,0 +1,501 @@
+# ruff: noqa: B008  (FastAPI declares parameters with Form()/File()/Query()/Depends() defaults)
+"""The FastAPI application: profiles, inspection, jobs, history, CSV export and the web page.
+
+Build it with ``create_app(ServiceSettings(...))``; ``anomalens serve`` runs it with uvicorn.
+Every error is JSON ``{"error": code, "message": text}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    Query,
+    Request,
+    Security,
+    UploadFile,
+)
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from anomalens import __version__
+from anomalens.registry import get_detector_class, list_detectors
+from anomalens.service.engine import InspectionEngine
+from anomalens.service.errors import ServiceError
+from anomalens.service.jobs import Job, JobManager
+from anomalens.service.profiles import Profile, ProfileStore, ThresholdPolicy
+from anomalens.service.schemas import (
+    ErrorOut,
+    HealthOut,
+    HistoryPage,
+    InspectionOut,
+    InspectOut,
+    JobOut,
+    MethodOut,
+    ProfileOut,
+    record_to_out,
+)
+from anomalens.service.settings import ServiceSettings
+from anomalens.service.store import HistoryFilter, ResultStore
+from anomalens.service.uploads import DecodedImage, clean_file_name, decode_image
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    500: "internal_error",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 422)
+}
+
+
+class ArtifactKind(str, Enum):
+    image = "image"
+    overlay = "overlay"
+    heatmap = "heatmap"
+    mask = "mask"
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.jobs.shutdown()
+    app.state.store.close()
+
+
+# ----------------------------------------------------------------------------- middleware
+class BodyLimitMiddleware:
+    """Answers 413 for request bodies over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _message(self) -> str:
+        return (
+            f"request body exceeds the upload limit of {self.limit / 1048576:.1f} MiB "
+            "(server setting ANOMALENS_MAX_UPLOAD_MB); send fewer or smaller images per request"
+        )
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            body = json.dumps({"error": "too_large", "message": self._message()}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def limited() -> MutableMapping[str, Any]:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    # an HTTPException passes through FastAPI's body parsing unchanged
+                    raise StarletteHTTPException(413, detail=self._message())
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    body = {"error": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s: %s", exc.code, exc.message)
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        msg = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and msg == "Not Found":
+            msg = "no such URL; the API is under /api (see /docs)"
+        return _error(exc.status_code, code, msg)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = []
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
+            fields.append({"field": loc, "message": e.get("msg", "")})
+            parts.append(f"{loc or 'request'}: {e.get('msg', 'invalid')}")
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request", fields=fields)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(
+            500, "internal_error", f"internal error ({type(exc).__name__}); see the server log"
+        )
+
+
+# ----------------------------------------------------------------------------- auth
+_bearer = HTTPBearer(auto_error=False, description="the server's access token")
+_x_token = APIKeyHeader(name="X-Token", auto_error=False, description="the server's access token")
+
+
+def require_token(
+    request: Request,
+    bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
+    x_token: str | None = Security(_x_token),
+) -> None:
+    """Checks ``Authorization: Bearer <token>`` or ``X-Token: <token>`` when a token is set."""
+    expected: str | None = request.app.state.settings.token
+    if not expected:
+        return
+    given = bearer.credentials if bearer is not None else x_token
+    if given is None:
+        raise ServiceError(
+            401,
+            "unauthorized",
+            "this server needs an access token: send 'Authorization: Bearer <token>'",
+        )
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ServiceError(401, "unauthorized", "wrong access token")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _profile_out(p: Profile) -> ProfileOut:
+    return ProfileOut(
+        name=p.name,
+        uid=p.uid,
+        method=p.method,
+        options=p.options,
+        learning_type=p.learning_type,
+        num_normals=len(p.normals),
+        normal_names=p.normal_names,
+        threshold=p.threshold,
+        policy=p.policy,
+        created_at=p.created_at,
+        detector_config=p.detector_config,
+    )
+
+
+def _read_uploads(
+    files: list[UploadFile], limit: int
+) -> tuple[list[DecodedImage], list[dict[str, str]]]:
+    if len(files) > limit:
+        raise ServiceError(
+            413, "too_many_files", f"{len(files)} files in one request; the limit is {limit}"
+        )
+    good, bad = [], []
+    for f in files:
+        try:
+            good.append(decode_image(f.file.read(), f.filename))
+        except ServiceError as exc:
+            bad.append({"file_name": clean_file_name(f.filename), "message": exc.message})
+    return good, bad
+
+
+def _require_some(good: list[DecodedImage], bad: list[dict[str, str]]) -> None:
+    if not good:
+        if len(bad) == 1:
+            raise ServiceError(400, "bad_image", bad[0]["message"])
+        msgs = "; ".join(b["message"] for b in bad[:5])
+        raise ServiceError(
+            400, "bad_image", f"none of the {len(bad)} uploads is a readable image: {msgs}"
+        )
+
+
+def _job_out(job: Job) -> JobOut:
+    snap = job.snapshot()
+    return JobOut(
+        **{k: v for k, v in snap.items() if k != "results"},
+        results=[record_to_out(r) for r in snap["results"]],
+        links={"self": f"/api/jobs/{job.id}"},
+    )
+
+
+def _parse_options(options: str | None) -> dict[str, Any]:
+    if not options:
+        return {}
+    try:
+        value = json.loads(options)
+    except json.JSONDecodeError as exc:
+        raise ServiceError(422, "bad_option", f"'options' must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ServiceError(422, "bad_option", "'options' must be a JSON object, e.g. {\"k\": 3}")
+    return value
+
+
+# ----------------------------------------------------------------------------- app
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """Build the service on ``settings.data_dir`` (created if missing)."""
+    settings = settings or ServiceSettings.from_env()
+    data_dir = Path(settings.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+    app = FastAPI(
+        title="anomalens inspection service",
+        version=__version__,
+        description="Inspect images with zero-/few-shot anomaly detectors through named profiles.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    app.state.data_dir = data_dir
+    profiles = ProfileStore(data_dir / "profiles")
+    store = ResultStore(settings.resolved_database_url)
+    engine = InspectionEngine(data_dir, profiles, store, cache_size=settings.cache_size)
+    jobs = JobManager(workers=settings.workers)
+    app.state.profiles, app.state.store, app.state.engine, app.state.jobs = (
+        profiles,
+        store,
+        engine,
+        jobs,
+    )
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        path = request.url.path
+        if path == "/" or path.startswith("/static/"):
+            response.headers["Content-Security-Policy"] = PAGE_CSP
+            response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    _install_error_handlers(app)
+
+    @app.get("/api/health", response_model=HealthOut, tags=["service"])
+    def health() -> HealthOut:
+        """Liveness and the settings a client needs (no token required)."""
+        return HealthOut(
+            status="ok",
+            version=__version__,
+            database=store.backend,
+            auth=bool(settings.token),
+            max_upload_mb=settings.max_upload_mb,
+            sync_batch_limit=settings.sync_batch_limit,
+        )
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
+
+    @api.get("/methods", response_model=list[MethodOut], tags=["profiles"])
+    def methods() -> list[MethodOut]:
+        """Detector methods a profile can use."""
+        return [
+            MethodOut(name=n, learning_type=get_detector_class(n).learning_type.value)
+            for n in list_detectors()
+        ]
+
+    @api.get("/profiles", response_model=list[ProfileOut], tags=["profiles"])
+    def list_profiles() -> list[ProfileOut]:
+        return [_profile_out(p) for p in profiles.list()]
+
+    @api.post("/profiles", response_model=ProfileOut, status_code=201, tags=["profiles"])
+    def create_profile(
+        name: str = Form(..., description="1-64 lower case letters, digits, '-' or '_'"),
+        method: str = Form(..., description="detector name, see /api/methods"),
+        backbone: str | None = Form(None),
+        weights: str | None = Form(None, description="weights name/file known to the server"),
+        image_size: int | None = Form(None, ge=32, le=2048),
+        options: str | None = Form(None, description="more detector options as a JSON object"),
+        threshold_mode: Literal["leave-one-out", "fixed"] = Form("leave-one-out"),
+        threshold: float | None = Form(None, description="the value of a fixed threshold"),
+        percentile: float = Form(100.0, ge=0, le=100),
+        margin: float = Form(1.0, gt=0),
+        files: list[UploadFile] | None = File(None, description="normal images"),
+    ) -> ProfileOut:
+        """Create a profile: fit the method on the normal images and set its threshold."""
+        opts = _parse_options(options)
+        for key, value in (
+            ("backbone", backbone),
+            ("weights", weights),
+            ("image_size", image_size),
+        ):
+            if value not in (None, ""):
+                opts[key] = value
+        good, bad = _read_uploads(list(files or []), settings.max_files)
+        if bad:  # a profile is made from exactly what was sent, or not at all
+            raise ServiceError(400, "bad_image", "; ".join(b["message"] for b in bad[:5]))
+        policy = ThresholdPolicy(threshold_mode, threshold, percentile, margin)
+        profile, detector = profiles.create(name, method, opts, good, policy)
+        engine.cache.put(profile, detector)
+        return _profile_out(profile)
+
+    @api.get("/profiles/{name}", response_model=ProfileOut, tags=["profiles"])
+    def get_profile(name: str) -> ProfileOut:
+        return _profile_out(profiles.get(name))
+
+    @api.delete("/profiles/{name}", response_model=ProfileOut, tags=["profiles"])
+    def delete_profile(name: str) -> ProfileOut:
+        """Delete a profile; its inspection history stays."""
+        p = profiles.delete(name)
+        engine.cache.evict(name)
+        return _profile_out(p)
+
+    @api.post("/profiles/{name}/inspect", response_model=InspectOut, tags=["inspect"])
+    def inspect(name: str, files: list[UploadFile] = File(..., description="images")) -> InspectOut:
+        """Inspect up to ``sync_batch_limit`` images and wait for the results."""
+        t0 = time.perf_counter()
+        profile = profiles.get(name)
+        if len(files) > settings.sync_batch_limit:
+            raise ServiceError(
+                413,
+                "too_many_files",
+                f"{len(files)} images is more than {settings.sync_batch_limit} per /inspect call; "
+                f"submit them as a job: POST /api/profiles/{name}/jobs",
+            )
+        good, bad = _read_uploads(files, settings.max_files)
+        _require_some(good, bad)
+        records = engine.inspect(profile, good)
+        return InspectOut(
+            profile=name,
+            results=[record_to_out(r) for r in records],
+            errors=bad,  # type: ignore[arg-type]
+            seconds=time.perf_counter() - t0,
+        )
+
+    @api.post("/profiles/{name}/jobs", response_model=JobOut, status_code=202, tags=["inspect"])
+    def submit_job(name: str, files: list[UploadFile] = File(..., description="images")) -> JobOut:
+        """Inspect a batch in the background; poll ``GET /api/jobs/{id}`` for progress."""
+        profile = profiles.get(name)
+        good, bad = _read_uploads(files, settings.max_files)
+        _require_some(good, bad)
+
+        def work(job: Job) -> None:
+            engine.inspect(profile, good, job_id=job.id, progress=job.add_results)
+
+        return _job_out(jobs.submit(name, len(good), work, errors=bad))
+
+    @api.get("/jobs", response_model=list[JobOut], tags=["inspect"])
+    def list_jobs() -> list[JobOut]:
+        return [_job_out(j) for j in jobs.list()]
+
+    @api.get("/jobs/{job_id}", response_model=JobOut, tags=["inspect"])
+    def get_job(job_id: str) -> JobOut:
+        return _job_out(jobs.get(job_id))
+
+    def _filters(
+        profile: str | None = Query(None),
+        verdict: Literal["normal", "anomalous"] | None = Query(None),
+        since: datetime | None = Query(None, description="ISO time, inclusive (UTC if no zone)"),
+        until: datetime | None = Query(None, description="ISO time, exclusive (UTC if no zone)"),
+    ) -> HistoryFilter:
+        return HistoryFilter(profile or None, verdict, since, until)
+
+    @api.get("/results", response_model=HistoryPage, tags=["history"])
+    def history(
+        filters: HistoryFilter = Depends(_filters),
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0),
+    ) -> HistoryPage:
+        """Inspection history, newest first."""
+        rows, total = store.query(filters, limit=limit, offset=offset)
+        return HistoryPage(
+            items=[record_to_out(r) for r in rows], total=total, limit=limit, offset=offset
+        )
+
+    @api.get(
+        "/results.csv",
+        tags=["history"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/csv": {}}}},
+    )
+    def export_csv(filters: HistoryFilter = Depends(_filters)) -> StreamingResponse:
+        """The filtered history as CSV."""
+        return StreamingResponse(
+            store.iter_csv(filters),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="anomalens-results.csv"'},
+        )
+
+    @api.get("/results/{record_id}", response_model=InspectionOut, tags=["history"])
+    def get_result(record_id: int) -> InspectionOut:
+        rec = store.get(record_id)
+        if rec is None:
+            raise ServiceError(404, "not_found", f"no inspection with id {record_id}")
+        return record_to_out(rec)
+
+    @api.get(
+        "/results/{record_id}/{kind}.png",
+        tags=["history"],
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    def result_file(record_id: int, kind: ArtifactKind) -> FileResponse:
+        """The inspected image, overlay, heat map or mask of a result, as PNG."""
+        rec = store.get(record_id)
+        if rec is None:
+            raise ServiceError(404, "not_found", f"no inspection with id {record_id}")
+        path = (data_dir / rec[f"{kind.value}_path"]).resolve()
+        if data_dir not in path.parents or not path.is_file():
+            raise ServiceError(
+                404, "not_found", f"the {kind.value} file of inspection {record_id} is gone"
+            )
+        return FileResponse(
+            path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+        )
+
+    app.include_router(api)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,314 @@
+"""Inspection profiles on disk: method settings, normal images and the calibrated threshold.
+
+Layout under ``<data_dir>/profiles``::
+
+    <name>/profile.json            settings, threshold, list of normal images (sha256)
+    <name>/normals/<sha256>.png    the normal images, re-encoded as PNG (content-addressed)
+
+A profile is created in a temporary folder and renamed into place in one step, so it exists
+completely or not at all. The fitted detector is not saved: it is refitted from the stored
+normal images on first use after a restart (the threshold is stored, so no recalibration).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from anomalens._fileio import atomic_save_png, atomic_write_json
+from anomalens.data.io import load_image
+from anomalens.detectors.base import Detector
+from anomalens.registry import get_detector_class
+from anomalens.service.errors import ServiceError
+from anomalens.service.uploads import DecodedImage
+from anomalens.thresholds import Threshold, calibrate_leave_one_out, fixed_threshold
+from anomalens.types import LearningType
+
+__all__ = ["PROFILE_NAME_PATTERN", "Profile", "ProfileStore", "ThresholdPolicy"]
+
+log = logging.getLogger(__name__)
+PROFILE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_NAME_RE = re.compile(PROFILE_NAME_PATTERN)
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+THRESHOLD_MODES = ("leave-one-out", "fixed")
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """How a profile sets its decision threshold.
+
+    Attributes:
+        mode: ``leave-one-out`` (from the normal images) or ``fixed``.
+        value: the image threshold of ``fixed``.
+        percentile: percentile of the held-out normal scores (leave-one-out; 100 = max).
+        margin: multiplier applied to the calibrated value.
+    """
+
+    mode: str = "leave-one-out"
+    value: float | None = None
+    percentile: float = 100.0
+    margin: float = 1.0
+
+    def check(self) -> None:
+        if self.mode not in THRESHOLD_MODES:
+            raise ServiceError(
+                422,
+                "bad_threshold",
+                f"threshold mode must be one of {THRESHOLD_MODES}, got {self.mode!r}",
+            )
+        if self.mode == "fixed" and self.value is None:
+            raise ServiceError(
+                422, "bad_threshold", "a fixed threshold needs a value ('threshold')"
+            )
+        if not 0.0 <= self.percentile <= 100.0:
+            raise ServiceError(
+                422, "bad_threshold", f"percentile must be in [0, 100], got {self.percentile}"
+            )
+        if self.margin <= 0:
+            raise ServiceError(422, "bad_threshold", f"margin must be > 0, got {self.margin}")
+
+
+@dataclass
+class Profile:
+    """A stored inspection profile.
+
+    Attributes:
+        name: unique name (lower case letters, digits, ``-``, ``_``).
+        uid: random id of this incarnation (a re-created name gets a new one).
+        method: detector name from the registry.
+        options: detector constructor options (backbone, weights, image_size, ...).
+        learning_type: the method's learning type.
+        normals: sha256 of the normal images (file ``normals/<sha>.png``).
+        normal_names: the uploaded file names, for display.
+        threshold: ``Threshold.to_dict()``.
+        policy: the threshold policy it was made with.
+        created_at: ISO time (UTC).
+    """
+
+    name: str
+    uid: str
+    method: str
+    options: dict[str, Any]
+    learning_type: str
+    normals: list[str]
+    normal_names: list[str]
+    threshold: dict[str, Any]
+    policy: dict[str, Any]
+    created_at: str
+    detector_config: dict[str, Any] = field(default_factory=dict)
+
+    def make_detector(self) -> Detector:
+        return get_detector_class(self.method)(**self.options)
+
+    def threshold_obj(self) -> Threshold:
+        d = dict(self.threshold)
+        vr = d.get("vis_range")
+        d["vis_range"] = tuple(vr) if vr is not None else None
+        return Threshold(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_method_options(method: str, options: dict[str, Any]) -> type[Detector]:
+    """The detector class of ``method``; unknown names and options raise a 422 naming them."""
+    try:
+        cls = get_detector_class(method)
+    except KeyError as exc:
+        raise ServiceError(422, "unknown_method", str(exc.args[0])) from None
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        bad = sorted(k for k in options if k not in params or k == "self")
+        if bad:
+            accepted = ", ".join(p for p in params if p != "self")
+            raise ServiceError(
+                422,
+                "bad_option",
+                f"method {method!r} does not accept option(s) {', '.join(bad)}. Accepted: {accepted}",
+            )
+    return cls
+
+
+class ProfileStore:
+    """Profiles in ``<root>``; creation and deletion are serialised by a lock."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._cleanup_leftovers()
+
+    def _cleanup_leftovers(self) -> None:
+        for p in self.root.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reads
+    def _dir(self, name: str) -> Path:
+        if not _NAME_RE.match(name):
+            raise ServiceError(
+                422,
+                "bad_name",
+                f"profile name {name!r} is invalid: use 1-64 lower case letters, digits, '-' or '_' "
+                "starting with a letter or digit",
+            )
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return (self._dir(name) / "profile.json").is_file()
+
+    def get(self, name: str) -> Profile:
+        """The profile called ``name``; 404 when there is none."""
+        path = self._dir(name) / "profile.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ServiceError(404, "not_found", f"no profile named {name!r}") from None
+        return Profile(**data)
+
+    def list(self) -> list[Profile]:
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and _NAME_RE.match(d.name) and (d / "profile.json").is_file():
+                try:
+                    out.append(self.get(d.name))
+                except (ServiceError, ValueError, TypeError) as exc:
+                    log.warning("skipping unreadable profile %s: %s", d, exc)
+        return out
+
+    def normal_paths(self, profile: Profile) -> list[Path]:
+        d = self._dir(profile.name) / "normals"
+        return [d / f"{sha}.png" for sha in profile.normals if _SHA_RE.match(sha)]
+
+    def load_normals(self, profile: Profile) -> list:
+        """The stored normal images as (H, W, 3) uint8 arrays."""
+        return [load_image(p) for p in self.normal_paths(profile)]
+
+    # ------------------------------------------------------------------ writes
+    def create(
+        self,
+        name: str,
+        method: str,
+        options: dict[str, Any],
+        images: Sequence[DecodedImage],
+        policy: ThresholdPolicy,
+    ) -> tuple[Profile, Detector]:
+        """Fit, calibrate and store a new profile (all or nothing).
+
+        Returns:
+            the profile and its fitted detector (for the in-memory cache).
+
+        Raises:
+            ServiceError: 409 if the name exists; 422 for an unknown method or option, too few
+                normal images for the method or the threshold policy, or a detector that cannot
+                be built (e.g. weights not available offline).
+        """
+        target = self._dir(name)
+        policy.check()
+        cls = check_method_options(method, options)
+        uniq: dict[str, DecodedImage] = {}
+        for im in images:
+            uniq.setdefault(im.sha256, im)
+        shots = list(uniq.values())
+        lt = cls.learning_type
+        if lt is LearningType.FEW_SHOT and not shots:
+            raise ServiceError(
+                422,
+                "needs_normals",
+                f"{method} is a few-shot method: upload at least one normal image",
+            )
+        if policy.mode == "leave-one-out":
+            need = 1 if lt in (LearningType.ZERO_SHOT,) else 2
+            if len(shots) < need:
+                raise ServiceError(
+                    422,
+                    "needs_normals",
+                    f"a leave-one-out threshold needs at least {need} distinct normal image(s) "
+                    f"(got {len(shots)}); upload more or choose a fixed threshold",
+                )
+        with self._lock:
+            if self.exists(name):
+                raise ServiceError(409, "exists", f"a profile named {name!r} already exists")
+
+        def make() -> Detector:
+            try:
+                return cls(**options)
+            except Exception as exc:  # any constructor failure is the user's settings
+                raise ServiceError(422, "bad_detector", f"cannot build {method}: {exc}") from exc
+
+        arrays = [im.array for im in shots]
+        detector = make()
+        use_shots = lt is not LearningType.ZERO_SHOT and bool(arrays)
+        try:
+            detector.fit(arrays if use_shots else None)
+            if policy.mode == "fixed":
+                thr = fixed_threshold(float(policy.value))  # type: ignore[arg-type]
+            else:
+                thr = calibrate_leave_one_out(
+                    make, arrays, percentile=policy.percentile, margin=policy.margin
+                )
+        except ServiceError:
+            raise
+        except (ValueError, RuntimeError) as exc:
+            raise ServiceError(422, "fit_failed", f"cannot fit {method}: {exc}") from exc
+
+        profile = Profile(
+            name=name,
+            uid=uuid.uuid4().hex,
+            method=method,
+            options=dict(options),
+            learning_type=lt.value,
+            normals=[im.sha256 for im in shots],
+            normal_names=[im.file_name for im in shots],
+            threshold=thr.to_dict(),
+            policy=asdict(policy),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            detector_config=detector.config(),
+        )
+        with self._lock:
+            if self.exists(name):
+                raise ServiceError(409, "exists", f"a profile named {name!r} already exists")
+            tmp = self.root / f".tmp-{profile.uid}"
+            try:
+                for im in shots:
+                    atomic_save_png(tmp / "normals" / f"{im.sha256}.png", im.array)
+                atomic_write_json(tmp / "profile.json", profile.to_dict())
+                os.rename(tmp, target)  # the commit point
+                _fsync_dir(self.root)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return profile, detector
+
+    def delete(self, name: str) -> Profile:
+        """Remove a profile (its results stay in the history). 404 when there is none."""
+        with self._lock:
+            profile = self.get(name)
+            trash = self.root / f".trash-{profile.uid}"
+            os.rename(self._dir(name), trash)  # gone in one step
+            shutil.rmtree(trash, ignore_errors=True)
+        return profile
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
