@@ -87,3 +87,25 @@ def test_hf_offline_variable_is_honoured(tmp_path, monkeypatch):
     Path(tmp_path / "hf" / "a--b").mkdir(parents=True)
     (tmp_path / "hf" / "a--b" / "open_clip_model.safetensors").write_bytes(b"w")
     assert resolve_weights("hf-hub:a/b").read_bytes() == b"w"
+
+
+def test_download_pack_unpack_resolve_cycle_with_a_file_url(tmp_path, monkeypatch, capsys):
+    """The offline-factory workflow end to end: download on the 'connected' machine, pack,
+    unpack into another cache on the 'offline' machine, resolve offline by the same source."""
+    from anomalens.cli.main import main
+
+    src = tmp_path / "published" / "model.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(b"weights-bytes")
+    url = src.as_uri()
+    monkeypatch.setenv("ANOMALENS_OFFLINE", "1")
+    assert (
+        main(["weights", "download", url, "--to", str(tmp_path / "dl")]) == 0
+    )  # download ignores offline
+    assert main(["weights", "pack", str(tmp_path / "dl"), "--out", str(tmp_path / "b.tar")]) == 0
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path / "factory-cache"))
+    with pytest.raises(WeightNotAvailableError):
+        resolve_weights(url)  # offline and not yet cached on the factory machine
+    assert main(["weights", "unpack", str(tmp_path / "b.tar")]) == 0
+    got = resolve_weights(url)
+    assert got.read_bytes() == b"weights-bytes" and str(tmp_path / "factory-cache") in str(got)

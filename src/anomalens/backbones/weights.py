@@ -3,7 +3,7 @@
 A weight source is one of:
 
 * a local file path (``/models/mobilenet_v2.safetensors``, ``~/ckpt.pth``);
-* an ``http(s)://`` URL, downloaded once into the cache folder;
+* an ``http(s)://`` (or ``file://``) URL, downloaded once into the cache folder;
 * an ``hf-hub:ORG/REPO/FILE`` id (``hf-hub:ORG/REPO`` alone means ``open_clip_model.safetensors``),
   fetched with ``huggingface_hub`` into the cache;
 * a name from the catalogue (``anomalens weights list``): a short alias that maps to one of the above.
@@ -150,7 +150,7 @@ def resolve_weights(
     elif src.startswith("hf-hub:"):
         repo, filename = _split_hf(src)
         cached = cache_path / "hf" / repo.replace("/", "--") / filename
-    elif src.startswith(("http://", "https://")):
+    elif src.startswith(("http://", "https://", "file://")):
         fname = Path(urllib.parse.urlparse(src).path).name or "weights.bin"
         cached = cache_path / "url" / hashlib.sha1(src.encode()).hexdigest()[:12] / fname
     else:
