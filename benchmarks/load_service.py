@@ -120,6 +120,7 @@ async def _load(
     lat: list[float] = []
     codes: list[int] = []
     peak_seen = 0
+    samples: list[tuple[float, int]] = []  # (seconds since start, RSS KiB) every 0.5 s
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as http:
         t0 = time.perf_counter()
         stop_at = t0 + args.seconds
@@ -131,13 +132,20 @@ async def _load(
         ]
         while not all(t.done() for t in tasks):
             if pid:
-                peak_seen = max(peak_seen, _rss_kib(pid)[0])
+                rss = _rss_kib(pid)[0]
+                peak_seen = max(peak_seen, rss)
+                samples.append((time.perf_counter() - t0, rss))
             await asyncio.sleep(0.5)
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
     arr = np.asarray(lat) * 1000.0
     codes_a = np.asarray(codes)
     peak = max(peak_seen, _rss_kib(pid)[1]) if pid else 0
+    # memory flatness: median RSS of the second quarter (after warm-up) vs the last quarter
+    q2 = [r for t, r in samples if wall / 4 <= t < wall / 2]
+    q4 = [r for t, r in samples if t >= 3 * wall / 4]
+    rss_q2 = float(np.median(q2)) / 1024 if q2 else None
+    rss_q4 = float(np.median(q4)) / 1024 if q4 else None
     return {
         "clients": args.clients,
         "seconds": round(wall, 1),
@@ -151,6 +159,11 @@ async def _load(
         "errors_5xx": int((codes_a >= 500).sum()),
         "connection_errors": int((codes_a == -1).sum()),
         "server_peak_rss_mib": round(peak / 1024, 1) if peak else None,
+        "server_rss_2nd_quarter_mib": round(rss_q2, 1) if rss_q2 else None,
+        "server_rss_last_quarter_mib": round(rss_q4, 1) if rss_q4 else None,
+        "server_rss_growth_pct": round(100 * (rss_q4 / rss_q2 - 1), 2)
+        if rss_q2 and rss_q4
+        else None,
     }
 
 
