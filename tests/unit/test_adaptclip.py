@@ -121,6 +121,41 @@ def test_align_to_memory_matches_brute_force_and_shared_memory() -> None:
     assert torch.allclose(dist, dist_b, atol=1e-6) and torch.equal(nearest, nearest_b)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_align_to_memory_chunked_equals_unchunked(
+    shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anomalens.detectors._adaptclip_modules as mod
+
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(3, 50, 16, generator=g), dim=-1)
+    mem = F.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    mem = mem if shared else torch.stack([mem, mem.flip(0), mem.roll(5, 0)])
+    full_d, full_n = align_to_memory(q, mem, chunk_size=50)
+    # same nearest patches; distances equal up to the BLAS kernel's summation order (1 ulp)
+    for chunk in (1, 7, 49):
+        d, n = align_to_memory(q, mem, chunk_size=chunk)
+        torch.testing.assert_close(d, full_d, rtol=0, atol=1e-6)
+        assert torch.equal(n, full_n), chunk
+    # the default chunk follows the element budget: 3 * 40 * 4 entries -> chunks of 4 patches
+    monkeypatch.setattr(mod, "ALIGN_CHUNK_ELEMENTS", 3 * 40 * 4)
+    calls: list[tuple[int, ...]] = []
+    real_min = torch.Tensor.min
+
+    def spy(self: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(tuple(self.shape))
+        return real_min(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "min", spy)
+    d, n = align_to_memory(q, mem)
+    monkeypatch.undo()
+    assert calls[0] == (3, 4, 40) and len(calls) == 13
+    torch.testing.assert_close(d, full_d, rtol=0, atol=1e-6)
+    assert torch.equal(n, full_n)
+    with pytest.raises(ValueError, match="chunk_size"):
+        align_to_memory(q, mem, chunk_size=0)
+
+
 def test_patch_probability_maps_layout() -> None:
     """Token t >= 1 is grid cell ((t-1) // w, (t-1) % w); channels sum to 1."""
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

@@ -28,6 +28,7 @@ from torch import nn
 from anomalens.scoring.maps import gaussian_smooth
 
 __all__ = [
+    "ALIGN_CHUNK_ELEMENTS",
     "DEFAULT_TEMPERATURE",
     "AdaptCLIPAdapters",
     "AdapterConfig",
@@ -50,6 +51,9 @@ __all__ = [
 
 #: Fixed softmax temperature of AdaptCLIP (CLIP's learned logit scale is not used).
 DEFAULT_TEMPERATURE = 0.07
+
+#: Largest (B, n, M) similarity block of one ``align_to_memory`` chunk (2**24 floats = 64 MiB).
+ALIGN_CHUNK_ELEMENTS = 2**24
 
 FusionType = Literal["average_mean", "harmonic_mean"]
 SmoothFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -354,24 +358,45 @@ def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
 
 
 def align_to_memory(
-    queries: torch.Tensor, memory: torch.Tensor
+    queries: torch.Tensor, memory: torch.Tensor, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest normal patch of every query patch, by cosine distance.
+
+    The (B, n, M) similarity block is computed over chunks of ``n`` query patches, so the
+    peak memory is bounded whatever the number of shots; every query row is computed exactly
+    as without chunking (same result).
 
     Args:
         queries: (B, N, D) L2-normalised query patches.
         memory: (M, D) or (B, M, D) L2-normalised normal patches.
+        chunk_size: query patches per chunk; None picks the largest chunk whose similarity
+            block has at most ``ALIGN_CHUNK_ELEMENTS`` entries.
 
     Returns:
         distances (B, N) = ``min_j (1 - q_i . p_j)`` and the nearest patches (B, N, D).
     """
-    sim = queries @ memory.transpose(-1, -2)  # (B, N, M)
-    dist, idx = (1.0 - sim).min(dim=-1)
-    if memory.ndim == 2:
-        nearest = memory[idx]
-    else:
-        nearest = torch.gather(memory, 1, idx[..., None].expand(-1, -1, memory.shape[-1]))
-    return dist, nearest
+    if memory.ndim not in (2, 3):
+        raise ValueError(f"memory must be (M, D) or (B, M, D), got {tuple(memory.shape)}")
+    b, n, d = queries.shape
+    m = memory.shape[-2]
+    if chunk_size is None:
+        chunk_size = max(1, ALIGN_CHUNK_ELEMENTS // max(1, b * m))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    mem_t = memory.transpose(-1, -2)
+    dists, nearest = [], []
+    for start in range(0, n, chunk_size):
+        q = queries[:, start : start + chunk_size]
+        dist, idx = (1.0 - q @ mem_t).min(dim=-1)  # (B, n_chunk)
+        if memory.ndim == 2:
+            near = memory[idx]
+        else:
+            near = torch.gather(memory, 1, idx[..., None].expand(-1, -1, d))
+        dists.append(dist)
+        nearest.append(near)
+    if len(dists) == 1:
+        return dists[0], nearest[0]
+    return torch.cat(dists, dim=1), torch.cat(nearest, dim=1)
 
 
 def pqa_image_vector(features: torch.Tensor, topk: int = 10) -> torch.Tensor:

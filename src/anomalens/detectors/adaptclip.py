@@ -114,6 +114,7 @@ class AdaptCLIP(Detector):
     """
 
     learning_type = LearningType.ZERO_OR_FEW_SHOT
+    default_threshold = 0.5  # image scores are anomaly probabilities in [0, 1]
 
     def __init__(
         self,
@@ -304,11 +305,12 @@ class AdaptCLIP(Detector):
             maps.append(out["anomaly_map"])
             for key in keep:
                 value = out[key][:, 1] if key in ("va_map", "ta_map") else out[key]
-                extras.setdefault(key, []).append(value.float().cpu())
+                extras.setdefault(key, []).append(value)
+        # everything stays on the device until here: one transfer per output, not per batch
         return Prediction(
             image_score=torch.cat(scores),
             anomaly_map=torch.cat(maps),
-            extras={k: torch.cat(v) for k, v in extras.items()},
+            extras={k: torch.cat(v).float().cpu() for k, v in extras.items()},
         )
 
     # ------------------------------------------------------------------------ checkpoints
