@@ -8,7 +8,6 @@ where ``resolve_weights`` finds it (by catalogue name, hf-hub id or URL as laid 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,6 +16,8 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from anomalens.backbones.weights import sha256_file
+
 __all__ = ["BundleError", "pack_weights", "unpack_weights"]
 
 MANIFEST = "MANIFEST.json"
@@ -24,14 +25,6 @@ MANIFEST = "MANIFEST.json"
 
 class BundleError(ValueError):
     """A bundle is malformed, tampered with or unsafe."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pack_weights(folder: str | Path, out: str | Path) -> Path:
@@ -48,7 +41,7 @@ def pack_weights(folder: str | Path, out: str | Path) -> Path:
             {
                 "path": p.relative_to(folder).as_posix(),
                 "size": p.stat().st_size,
-                "sha256": _sha256(p),
+                "sha256": sha256_file(p),
             }
             for p in files
         ],
@@ -111,7 +104,7 @@ def unpack_weights(bundle: str | Path, dest: str | Path) -> list[Path]:
                 with tar.extractfile(m) as src, open(tmp, "wb") as dst:  # type: ignore[union-attr]
                     shutil.copyfileobj(src, dst)
                 e = entries[m.name]
-                if tmp.stat().st_size != e["size"] or _sha256(tmp) != e["sha256"]:
+                if tmp.stat().st_size != e["size"] or sha256_file(tmp) != e["sha256"]:
                     raise BundleError(
                         f"bundle member {m.name!r} does not match its manifest checksum"
                     )

@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -50,6 +50,7 @@ __all__ = [
     "ClipImageFeatures",
     "ClipImageTokens",
     "Precision",
+    "build_clip_backbone",
     "load_state_dict_file",
     "openai_clip_config",
     "resize_positional_embedding",
@@ -1102,3 +1103,29 @@ def _check_supported(model: nn.Module) -> None:
         )
     if visual.proj is None:
         raise ValueError("ClipBackbone needs a vision projection (visual.proj)")
+
+
+def build_clip_backbone(
+    backbone: str | ClipBackbone,
+    *,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
+) -> tuple[ClipBackbone, str]:
+    """A detector's backbone from a preset name or a ready ``ClipBackbone``.
+
+    Args:
+        backbone: preset name (``clip_presets``) or an already built backbone (moved to ``device``).
+        pretrained: weights overriding the preset's (None keeps the preset's).
+
+    Returns:
+        (backbone, name to record in results).
+    """
+    if isinstance(backbone, ClipBackbone):
+        return backbone.to(device), backbone.model_name or type(backbone).__name__
+    if not isinstance(backbone, str):
+        raise TypeError(f"backbone must be a preset name or a ClipBackbone, got {type(backbone)}")
+    overrides: dict[str, Any] = {"device": str(device), "precision": precision}
+    if pretrained is not None:
+        overrides["pretrained"] = pretrained
+    return ClipBackbone.from_preset(backbone, **overrides), backbone

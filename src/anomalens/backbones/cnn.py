@@ -245,6 +245,18 @@ class CNNFeatureExtractor(nn.Module):
         p = self.preset
         return to_batch(images, size, p.mean, p.std, p.interpolation)
 
+    def describe(self) -> dict[str, object]:
+        """Backbone settings that determine the features (for results files)."""
+        p = self.preset
+        return {
+            "backbone": p.name,
+            "layers": list(self.layers),
+            "tf_padding": p.tf_padding,
+            "mean": list(p.mean),
+            "std": list(p.std),
+            "interpolation": p.interpolation,
+        }
+
     def feature_info(self, size: int = 224) -> list[tuple[int, int]]:
         """(channels, stride) of each layer, measured with a zero image of ``size``."""
         dev = next(self.parameters()).device

@@ -30,6 +30,7 @@ __all__ = [
     "cache_dir",
     "is_offline",
     "resolve_weights",
+    "sha256_file",
 ]
 
 
@@ -74,7 +75,8 @@ def cache_dir() -> Path:
     return base / "anomalens"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -185,7 +187,7 @@ def resolve_weights(
         raise
     except Exception as exc:
         raise _not_available(name, cached, f"download failed ({exc})") from exc
-    if sha is not None and _sha256(cached) != sha:
+    if sha is not None and sha256_file(cached) != sha:
         cached.unlink()
         raise _not_available(name, cached, "downloaded file has the wrong sha256")
     return cached

@@ -70,21 +70,6 @@ def default_vv_start(num_blocks: int) -> int:
     return _OFFICIAL_VV_START.get(num_blocks, default_layers(num_blocks)[0])
 
 
-def _build_backbone(
-    backbone: str | ClipBackbone, pretrained: str | None, device: torch.device, precision: str
-) -> tuple[ClipBackbone, str]:
-    from anomalens.backbones.clip import ClipBackbone
-
-    if isinstance(backbone, ClipBackbone):
-        return backbone.to(device), backbone.model_name or type(backbone).__name__
-    if not isinstance(backbone, str):
-        raise TypeError(f"backbone must be a preset name or a ClipBackbone, got {type(backbone)}")
-    overrides: dict[str, Any] = {"device": str(device), "precision": precision}
-    if pretrained is not None:
-        overrides["pretrained"] = pretrained
-    return ClipBackbone.from_preset(backbone, **overrides), backbone
-
-
 @register_detector("adaptclip")
 class AdaptCLIP(Detector):
     """AdaptCLIP detector.
@@ -143,8 +128,10 @@ class AdaptCLIP(Detector):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if fusion not in ("average_mean", "harmonic_mean"):
             raise ValueError(f"fusion must be 'average_mean' or 'harmonic_mean', got {fusion!r}")
-        self.backbone, self.backbone_name = _build_backbone(
-            backbone, pretrained, self.device, precision
+        from anomalens.backbones.clip import build_clip_backbone
+
+        self.backbone, self.backbone_name = build_clip_backbone(
+            backbone, pretrained=pretrained, device=self.device, precision=precision
         )
         self.backbone.eval().requires_grad_(False)
         self.precision = precision

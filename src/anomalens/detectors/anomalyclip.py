@@ -100,21 +100,6 @@ def build_prompt_learner(
     return learner
 
 
-def _build_backbone(
-    backbone: str | ClipBackbone, pretrained: str | None, device: torch.device, precision: str
-) -> tuple[ClipBackbone, str]:
-    from anomalens.backbones.clip import ClipBackbone
-
-    if isinstance(backbone, ClipBackbone):
-        return backbone.to(device), backbone.model_name or type(backbone).__name__
-    if not isinstance(backbone, str):
-        raise TypeError(f"backbone must be a preset name or a ClipBackbone, got {type(backbone)}")
-    overrides: dict[str, Any] = {"device": str(device), "precision": precision}
-    if pretrained is not None:
-        overrides["pretrained"] = pretrained
-    return ClipBackbone.from_preset(backbone, **overrides), backbone
-
-
 @register_detector("anomalyclip")
 class AnomalyCLIP(Detector):
     """AnomalyCLIP detector (zero-shot).
@@ -167,8 +152,10 @@ class AnomalyCLIP(Detector):
         super().__init__(device)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.backbone, self.backbone_name = _build_backbone(
-            backbone, pretrained, self.device, precision
+        from anomalens.backbones.clip import build_clip_backbone
+
+        self.backbone, self.backbone_name = build_clip_backbone(
+            backbone, pretrained=pretrained, device=self.device, precision=precision
         )
         self.backbone.eval().requires_grad_(False)
         self.precision = precision

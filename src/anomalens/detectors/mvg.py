@@ -247,15 +247,9 @@ class GaussianMVG(Detector):
     def config(self) -> dict[str, Any]:
         """Settings that determine the results."""
         cfg = super().config()
-        preset = self.extractor.preset
+        cfg.update(self.extractor.describe())
         cfg.update(
-            backbone=preset.name,
             weights=self.weights,
-            layers=list(self.extractor.layers),
-            tf_padding=preset.tf_padding,
-            mean=list(preset.mean),
-            std=list(preset.std),
-            interpolation=preset.interpolation,
             pooling="patch",
             patch_size=self.patch_size,
             min_shrinkage=self.min_shrinkage,

@@ -230,15 +230,9 @@ class PatchCore(Detector):
     def config(self) -> dict[str, Any]:
         """Settings that determine the results."""
         cfg = super().config()
-        preset = self.extractor.preset
+        cfg.update(self.extractor.describe())
         cfg.update(
-            backbone=preset.name,
             weights=self.weights,
-            layers=list(self.extractor.layers),
-            tf_padding=preset.tf_padding,
-            mean=list(preset.mean),
-            std=list(preset.std),
-            interpolation=preset.interpolation,
             reduction=self.reduction,
             patch_size=self.patch_size,
             coreset_ratio=self.coreset_ratio,
