@@ -111,22 +111,18 @@ def cmd_list(args: argparse.Namespace) -> int:
             doc = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
             print(f"  {name:<12} {cls.learning_type.value:<17} {doc}")
     if what in ("backbones", "all"):
-        print("backbones:")
-        try:
-            from anomalens.backbones.presets import list_cnn_presets
+        from anomalens.backbones.clip_presets import get_clip_preset, list_clip_presets
+        from anomalens.backbones.presets import get_cnn_preset, list_cnn_presets
 
-            for name in list_cnn_presets():
-                print(f"  {name:<24} CNN (torchvision)")
-        except ImportError:
-            pass
-        try:
-            from anomalens.backbones.clip_presets import list_clip_presets
-
-            for name in list_clip_presets():
-                print(f"  {name:<24} CLIP (open_clip)")
-        except ImportError:
-            pass
-        print("  any open_clip model name: see open_clip.list_models()")
+        rows = [(n, "CNN ", get_cnn_preset(n).description) for n in list_cnn_presets()]
+        rows += [(n, "CLIP", get_clip_preset(n).description) for n in list_clip_presets()]
+        width = max(len(n) for n, _, _ in rows)
+        print("backbones (--backbone):")
+        for name, kind, desc in rows:
+            print(f"  {name:<{width}}  {kind}  {desc}")
+        print(
+            "  WinCLIP also takes any open_clip model: --option model_name=NAME --option pretrained=TAG"
+        )
     if what in ("datasets", "all"):
         from anomalens.data.registry import list_datasets
 

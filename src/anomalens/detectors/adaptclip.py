@@ -72,7 +72,7 @@ def default_vv_start(num_blocks: int) -> int:
 
 @register_detector("adaptclip")
 class AdaptCLIP(Detector):
-    """AdaptCLIP detector.
+    """AdaptCLIP: frozen CLIP + visual, textual and prompt-query adapters; zero- and few-shot.
 
     Args:
         backbone: CLIP preset name (default ``"adaptclip-vitl14-336@518"``; also

@@ -102,7 +102,7 @@ def build_prompt_learner(
 
 @register_detector("anomalyclip")
 class AnomalyCLIP(Detector):
-    """AnomalyCLIP detector (zero-shot).
+    """AnomalyCLIP: object-agnostic learned prompts on a V-V-refined CLIP; zero-shot.
 
     Args:
         backbone: CLIP preset name (default ``"adaptclip-vitl14-336@518"``) or a ``ClipBackbone``.
