@@ -10,8 +10,10 @@ such in every output.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from anomalens._fileio import atomic_write_text
@@ -112,11 +114,15 @@ def run_demo(
             f"(threshold {s.threshold.value:.4f}, leave-one-out on 4 shots)"
         )
         links.append((cat, f"inspect/{cat}/report.html", s.num_scored, s.num_anomalous))
+    bench = out / "benchmark"
+    prev = bench / "config.json"
+    if prev.is_file() and json.loads(prev.read_text(encoding="utf-8"))["method_kwargs"] != kwargs:
+        shutil.rmtree(bench)  # an earlier demo with other weights: its numbers do not apply
     cfg = BenchmarkConfig(
         method="patchcore",
         dataset="mvtec",
         root=str(data),
-        out=str(out / "benchmark"),
+        out=str(bench),
         shots=[1, 4],
         seeds=[seed],
         method_kwargs=kwargs,

@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anomalens._fileio import atomic_save_png, atomic_write_json, atomic_write_text
+from anomalens._fileio import (
+    _json_default,
+    atomic_save_png,
+    atomic_write_json,
+    atomic_write_text,
+)
 from anomalens.data.io import ImageReadError, load_image
 from anomalens.detectors.base import Detector
 from anomalens.thresholds import (
@@ -210,15 +215,18 @@ def run_predict(
     done: dict[str, dict[str, Any]] = {}
     if resume and jsonl.exists() and run_json.exists():
         prev = json.loads(run_json.read_text())
-        if prev.get("settings") == json.loads(json.dumps(settings, default=str)):
-            for line in jsonl.read_text().splitlines():
+        if prev.get("settings") == json.loads(json.dumps(settings, default=_json_default)):
+            for line in jsonl.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a torn last line from a killed run: recompute from there
                 done[row["path"]] = row
             log.info("resuming: %d images already scored", len(done))
-    if not done and jsonl.exists():
+    if done:
+        # rewrite the whole rows only, so a torn line is not glued to the next appended row
+        atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in done.values()))
+    elif jsonl.exists():
         jsonl.unlink()
     atomic_write_json(run_json, {"settings": settings, "status": "running"})
     (out / "overlays").mkdir(exist_ok=True)

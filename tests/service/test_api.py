@@ -77,6 +77,7 @@ def test_profile_crud(make_client: Callable[..., TestClient], washer: dict) -> N
     ("form", "n_files", "code", "text"),
     [
         ({"name": "Bad Name!"}, 2, "bad_name", "profile name"),
+        ({"name": "trailing-newline\n"}, 2, "bad_name", "profile name"),
         ({"name": "x", "method": "nope"}, 2, "unknown_method", "Available"),
         ({"name": "x", "options": '{"colour": 1}'}, 2, "bad_option", "colour"),
         ({"name": "x", "options": "[1"}, 2, "bad_option", "JSON"),

@@ -29,6 +29,18 @@ def test_pack_unpack_cycle_and_resolution(tmp_path, monkeypatch):
     assert resolve_weights(src / "a.safetensors") == src / "a.safetensors"
 
 
+def test_symlinked_weight_files_are_packed_as_their_content(tmp_path):
+    # e.g. a Hugging Face cache snapshot, whose files are links into blobs/
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "0abc").write_bytes(b"W" * 20)
+    src = tmp_path / "snapshot"
+    src.mkdir()
+    (src / "model.safetensors").symlink_to(tmp_path / "blobs" / "0abc")
+    bundle = pack_weights(src, tmp_path / "b.tar")
+    files = unpack_weights(bundle, tmp_path / "cache")
+    assert [p.read_bytes() for p in files] == [b"W" * 20]
+
+
 def test_tampered_or_unsafe_bundles_are_refused(tmp_path):
     src = tmp_path / "w"
     src.mkdir()

@@ -182,6 +182,21 @@ def test_benchmark_tables_and_resume(synthetic_root, tmp_path, capsys, monkeypat
     assert len(calls) == 1 and job.exists()
 
 
+def test_benchmark_refuses_to_mix_jobs_of_other_settings(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "bench"
+    cat = sorted(p.name for p in synthetic_root.iterdir() if p.is_dir())[0]
+    assert _bench(synthetic_root, out, "--categories", cat) == 0
+    n_jobs = len(list((out / "jobs").rglob("*.json")))
+    capsys.readouterr()
+    assert _bench(synthetic_root, out, "--categories", cat, "--pixel-mode", "binned") == 1
+    err = capsys.readouterr().err
+    assert "pixel_mode" in err and "binned" in err and str(out) in err
+    assert json.loads((out / "config.json").read_text())["pixel_mode"] == "exact"
+    # more seeds with the same settings extend the run
+    assert _bench(synthetic_root, out, "--categories", cat, "--seeds", "10", "20", "30") == 0
+    assert len(list((out / "jobs").rglob("*.json"))) == n_jobs + 2
+
+
 def test_benchmark_unknown_category_lists_the_existing_ones(synthetic_root, tmp_path, capsys):
     assert _bench(synthetic_root, tmp_path / "b", "--categories", "no_such_thing") == 1
     err = capsys.readouterr().err

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 from anomalens.demo import pick_demo_weights, run_demo
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):
+    # a benchmark left by an earlier demo with other weights is redone, not mixed in
+    stale = tmp_path / "benchmark" / "jobs" / "washer" / "k1_seed0.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    old = {"method": "patchcore", "dataset": "mvtec", "root": str(tmp_path / "data")}
+    old.update(draw_rule="without_replacement", pixel_mode="exact", max_test_images=None)
+    old["method_kwargs"] = {"backbone": "mobilenet_v2", "weights": "old.pth"}
+    (tmp_path / "benchmark" / "config.json").write_text(json.dumps(old))
     index = run_demo(
         tmp_path, weights="random", progress=False, categories=["washer"], image_size=64
     )
@@ -14,6 +24,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert report.is_file() and "anomalous" in report.read_text()
     assert len(list((tmp_path / "inspect" / "washer" / "overlays").glob("*.png"))) == 16
     assert (tmp_path / "benchmark" / "results.md").is_file()
+    assert json.loads(stale.read_text())["detector"]["weights"] == "random"
     assert "I-AUROC" in capsys.readouterr().out
 
 

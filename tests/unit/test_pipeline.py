@@ -86,7 +86,13 @@ def test_resume_skips_scored_images_and_recovers_a_torn_line(folders, tmp_path):
     # threshold calibration scores 3 held-out shots one by one; then only ONE image is recomputed
     assert calls == [1, 1, 1, 1]
     assert s.num_scored == 2
-    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # the torn fragment is gone: every line is a whole row (a third run would reuse them all)
+    assert sorted(Path(json.loads(line)["path"]).name for line in lines) == [
+        "defect.png",
+        "good.png",
+    ]
 
 
 def test_fixed_threshold_and_calibration_folder(folders, tmp_path):

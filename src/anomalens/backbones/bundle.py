@@ -56,7 +56,10 @@ def pack_weights(folder: str | Path, out: str | Path) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
             for p in files:
-                tar.add(p, arcname=p.relative_to(folder).as_posix(), recursive=False)
+                # the file's content, also when ``p`` is a link (e.g. a Hugging Face snapshot)
+                with open(p, "rb") as f:
+                    info = tar.gettarinfo(arcname=p.relative_to(folder).as_posix(), fileobj=f)
+                    tar.addfile(info, f)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -156,6 +156,35 @@ def _jobs(cfg: BenchmarkConfig, categories: list[str], lt: LearningType) -> list
     return jobs
 
 
+#: Settings that change a job's numbers; categories, shots, seeds and batch size may change
+#: between runs into the same folder (finished jobs stay valid).
+_RESULT_SETTINGS = ("method", "dataset", "draw_rule", "method_kwargs", "pixel_mode")
+
+
+def _check_same_settings(config_path: Path, cfg: BenchmarkConfig) -> None:
+    """Refuse to resume into a folder whose finished jobs were made with other settings.
+
+    Raises:
+        ValueError: names the settings that differ from ``config_path``.
+    """
+    if not config_path.is_file():
+        return
+    prev = json.loads(config_path.read_text(encoding="utf-8"))
+    new = json.loads(json.dumps(asdict(cfg)))
+    diff = [k for k in _RESULT_SETTINGS if prev.get(k) != new[k]]
+    if prev.get("max_test_images") != new["max_test_images"]:
+        diff.append("max_test_images")
+    if Path(prev.get("root", "")).resolve() != Path(cfg.root).resolve():
+        diff.append("root")
+    if diff:
+        shown = "; ".join(f"{k}: {prev.get(k)!r} -> {new[k]!r}" for k in diff)
+        raise ValueError(
+            f"{config_path.parent} holds benchmark jobs made with other settings ({shown}); "
+            "its finished jobs would be mixed with the new ones. Use another --out folder, "
+            "or delete that folder to start over"
+        )
+
+
 def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the benchmark and write ``OUT/results.{csv,json,md}``.
 
@@ -172,6 +201,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
             f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} under "
             f"{cfg.root} ({cfg.dataset} layout). Available: {', '.join(available) or '(none)'}"
         )
+    _check_same_settings(out / "config.json", cfg)
     atomic_write_json(out / "config.json", asdict(cfg))
     detector = create_detector(cfg.method, **cfg.method_kwargs)
     jobs = _jobs(cfg, categories, detector.learning_type)

@@ -156,7 +156,7 @@ class ProfileStore:
 
     # ------------------------------------------------------------------ reads
     def _dir(self, name: str) -> Path:
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise ServiceError(
                 422,
                 "bad_name",
@@ -180,7 +180,7 @@ class ProfileStore:
     def list(self) -> list[Profile]:
         out = []
         for d in sorted(self.root.iterdir()):
-            if d.is_dir() and _NAME_RE.match(d.name) and (d / "profile.json").is_file():
+            if d.is_dir() and _NAME_RE.fullmatch(d.name) and (d / "profile.json").is_file():
                 try:
                     out.append(self.get(d.name))
                 except (ServiceError, ValueError, TypeError) as exc:
@@ -189,7 +189,7 @@ class ProfileStore:
 
     def normal_paths(self, profile: Profile) -> list[Path]:
         d = self._dir(profile.name) / "normals"
-        return [d / f"{sha}.png" for sha in profile.normals if _SHA_RE.match(sha)]
+        return [d / f"{sha}.png" for sha in profile.normals if _SHA_RE.fullmatch(sha)]
 
     def load_normals(self, profile: Profile) -> list:
         """The stored normal images as (H, W, 3) uint8 arrays."""
