@@ -101,3 +101,10 @@ class ToyZeroShotDetector(ToyDetector):
     def _predict(self, images: list[ImageLike]) -> Prediction:
         maps = self._grey(images)
         return Prediction(maps.flatten(1).max(1).values, maps)
+
+
+@register_detector("toy-zero-or-few")
+class ToyZeroOrFewShotDetector(ToyZeroShotDetector):
+    """Test-only zero-or-few-shot detector (its zero-shot path scores brightness)."""
+
+    learning_type = LearningType.ZERO_OR_FEW_SHOT

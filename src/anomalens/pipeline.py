@@ -8,6 +8,7 @@ scored. Unreadable images are reported in ``errors.csv`` and skipped; the rest g
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -91,10 +92,13 @@ def load_images_reporting(
 
 
 def _settings_key(detector: Detector, threshold: Threshold, images: Sequence[Path]) -> dict:
+    """What must be equal for a rerun to resume: the detector, the threshold and the image list."""
+    listing = "\n".join(sorted(str(p) for p in images)).encode()
     return {
         "detector": detector.config(),
         "threshold": threshold.to_dict(),
         "num_images": len(images),
+        "images_sha1": hashlib.sha1(listing).hexdigest(),
     }
 
 
@@ -134,17 +138,23 @@ def _set_threshold(
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
-    """Output file names: the stem, prefixed by the parent folder when stems repeat."""
-    counts: dict[str, int] = {}
-    for p in paths:
-        counts[p.stem] = counts.get(p.stem, 0) + 1
+    """Output file names: the path below the images' common folder, ``/`` -> ``_``, no suffix.
+
+    A flat folder gives the stems; ``good/000.png`` and ``crack/000.png`` give ``good_000`` and
+    ``crack_000``. Names that still collide (same stem, other suffix) get ``__N``.
+    """
+    if not paths:
+        return []
+    parents = [str(p.parent.resolve()) for p in paths]
+    base = Path(os.path.commonpath(parents))
     seen: dict[str, int] = {}
     names = []
     for p in paths:
-        base = p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        names.append(base if n == 0 else f"{base}__{n}")
+        rel = p.resolve().relative_to(base).with_suffix("")
+        name = "_".join(rel.parts)
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        names.append(name if n == 0 else f"{name}__{n}")
     return names
 
 
@@ -290,6 +300,14 @@ def run_predict(
     return PredictSummary(out, len(rows), n_anom, len(errors), thr, time.perf_counter() - t0, rows)
 
 
+def _link(path: Path, out: Path) -> str:
+    """Link from the report folder to an image: relative when possible, else a file URI."""
+    try:
+        return os.path.relpath(path, out)
+    except ValueError:  # another drive (Windows)
+        return path.resolve().as_uri()
+
+
 def _write_outputs(
     out: Path,
     rows: list[dict[str, Any]],
@@ -316,7 +334,7 @@ def _write_outputs(
         {
             **r,
             "name": Path(r["path"]).name,
-            "image": os.path.relpath(r["path"], out),
+            "image": _link(Path(r["path"]), out),
             "id": name_of[r["path"]],
         }
         for r in rows

@@ -141,7 +141,8 @@ def calibrate_leave_one_out(
     """Threshold from the k shots alone (no extra images, no labelled defect).
 
     Few-shot detectors: k fits on k-1 shots, each scoring the held-out shot (needs k >= 2).
-    Zero-shot detectors: the shots are scored directly.
+    Zero-shot detectors, and zero-or-few-shot detectors given a single shot: the shots are
+    scored zero-shot.
 
     Args:
         make_detector: builds a fresh, unfitted detector with the run's settings.
@@ -150,7 +151,12 @@ def calibrate_leave_one_out(
     shots = list(shots)
     probe = make_detector()
     scores, maps = [], []
-    if probe.learning_type in (LearningType.ZERO_SHOT, LearningType.BATCH_ZERO_SHOT):
+    zero_shot_capable = probe.learning_type is LearningType.ZERO_OR_FEW_SHOT and len(shots) == 1
+    if zero_shot_capable or probe.learning_type in (
+        LearningType.ZERO_SHOT,
+        LearningType.BATCH_ZERO_SHOT,
+    ):
+        # nothing to leave out: a single shot of a zero-or-few-shot method is scored zero-shot
         if probe.learning_type is LearningType.BATCH_ZERO_SHOT and len(shots) < 2:
             raise ValueError("leave-one-out calibration of a batch method needs >= 2 normal images")
         s, m = probe.fit(None).predict(shots).to_numpy()

@@ -121,3 +121,9 @@ def test_download_pack_unpack_resolve_cycle_with_a_file_url(tmp_path, monkeypatc
     assert main(["weights", "unpack", str(tmp_path / "b.tar")]) == 0
     got = resolve_weights(url)
     assert got.read_bytes() == b"weights-bytes" and str(tmp_path / "factory-cache") in str(got)
+
+
+def test_hf_ids_cannot_escape_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=r"'\.\.'"):
+        resolve_weights("hf-hub:org/repo/../../secret.bin")

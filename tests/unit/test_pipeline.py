@@ -171,3 +171,36 @@ def test_batch_method_sets_a_robust_threshold_from_its_own_batch(tmp_path):
     assert s.threshold.method == "batch-robust" and s.num_errors == 1
     flagged = [Path(r["path"]).name for r in s.rows if r["decision"] == "anomalous"]
     assert flagged == ["bad.png"]
+
+
+def test_output_names_follow_the_folder_structure():
+    from anomalens.pipeline import _unique_names
+
+    root = Path("/data/line1")
+    paths = [root / "good" / "000.png", root / "crack" / "000.png", root / "good" / "001.png"]
+    assert _unique_names(paths) == ["good_000", "crack_000", "good_001"]
+    assert _unique_names([root / "a.png", root / "b.jpg", root / "a.jpg"]) == ["a", "b", "a__1"]
+
+
+def test_single_shot_of_a_zero_or_few_shot_method_is_scored_zero_shot():
+    from anomalens.types import LearningType
+
+    assert create_detector("toy-zero-or-few").learning_type is LearningType.ZERO_OR_FEW_SHOT
+    img = [np.full((8, 8, 3), 200, np.uint8)]
+    thr = calibrate_leave_one_out(lambda: create_detector("toy-zero-or-few"), img)
+    assert thr.value == pytest.approx(200 / 255, abs=1e-5) and thr.details["num_shots"] == 1
+
+
+def test_resume_does_not_reuse_rows_of_another_image_list(folders, tmp_path):
+    normal, images = folders
+    paths = sorted(images.iterdir())
+    args = dict(normal_paths=sorted(normal.iterdir()), progress=False)
+    run_predict(lambda: create_detector("toy"), paths[:2], tmp_path / "o", **args)
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in paths[:2]:
+        (other / f"x_{p.name}").write_bytes(p.read_bytes())
+    s = run_predict(lambda: create_detector("toy"), sorted(other.iterdir()), tmp_path / "o", **args)
+    assert {Path(r["path"]).parent for r in s.rows} == {other}
+    lines = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
+    assert all(str(other) in line for line in lines)

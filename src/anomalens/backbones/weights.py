@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = [
     "WeightNotAvailableError",
@@ -94,21 +95,29 @@ def _not_available(what: str, cached: Path, reason: str) -> WeightNotAvailableEr
     )
 
 
-def _download_url(url: str, dest: Path) -> None:
+def _copy_atomic(src: BinaryIO, dest: Path) -> None:
+    """Copy a readable binary stream into ``dest`` via a temporary file + ``os.replace``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
-            shutil.copyfileobj(r, f)
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(src, f)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _download_url(url: str, dest: Path) -> None:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        _copy_atomic(r, dest)
+
+
 def _split_hf(source: str) -> tuple[str, str]:
     rest = source[len("hf-hub:") :].strip("/")
     parts = rest.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"hf-hub id must not contain empty, '.' or '..' parts, got {source!r}")
     if len(parts) < 2:
         raise ValueError(f"hf-hub id must be hf-hub:ORG/REPO[/FILE], got {source!r}")
     repo = "/".join(parts[:2])
@@ -168,6 +177,8 @@ def resolve_weights(
         )
 
     if cached.is_file():
+        if sha is not None and sha256_file(cached) != sha:
+            raise _not_available(name, cached, "the cached file has the wrong sha256 (delete it)")
         return cached
     if offline:
         raise _not_available(name, cached, "offline mode is on and the file is not cached")
@@ -179,8 +190,8 @@ def resolve_weights(
                 raise _not_available(name, cached, "huggingface_hub is not installed") from exc
             repo, filename = _split_hf(src)
             got = Path(hf_hub_download(repo, filename))
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(got, cached)
+            with open(got, "rb") as f:
+                _copy_atomic(f, cached)
         else:
             _download_url(src, cached)
     except WeightNotAvailableError:

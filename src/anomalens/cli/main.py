@@ -332,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--draw-rule",
         default="without_replacement",
-        choices=["without_replacement", "adaptclip"],
-        help="reference draw: k distinct images (default) or the official AdaptCLIP rule "
-        "(torch.manual_seed(seed); torch.randint, with replacement)",
+        choices=["without_replacement", "adaptclip", "first"],
+        help="reference draw: k distinct images (default), the official AdaptCLIP rule "
+        "(torch.manual_seed(seed); torch.randint, with replacement), or the first k images "
+        "(anomalib's WinCLIP)",
     )
     s.add_argument("--pixel-mode", default="exact", choices=["exact", "binned"])
     s.add_argument("--max-test-images", type=int, help="cap test images per category (quick runs)")
