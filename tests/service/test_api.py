@@ -90,6 +90,11 @@ def test_profile_crud(make_client: Callable[..., TestClient], washer: dict) -> N
             "bad_detector",
             "cannot build",
         ),
+        ({"name": "x", "weights": "/etc/passwd"}, 2, "bad_option", "not a path or URL"),
+        ({"name": "x", "weights": "https://example.invalid/w.pth"}, 2, "bad_option", "weight name"),
+        ({"name": "x", "weights": "hf-hub:org/repo"}, 2, "bad_option", "weight name"),
+        ({"name": "x", "weights": "../../secret.pth"}, 2, "bad_option", "weight name"),
+        ({"name": "x", "options": '{"checkpoint": "/tmp/x.pth"}'}, 2, "bad_option", "checkpoint"),
     ],
 )
 def test_profile_create_rejects_bad_requests(

@@ -121,8 +121,33 @@ class Profile:
         return asdict(self)
 
 
+#: Options that name weight files. Over the network they may only be *names* (a catalogue name,
+#: an open_clip tag, ``random``, or a file name inside the server's weight cache): never a path,
+#: URL or hf-hub id, so that a client cannot make the server read or fetch arbitrary locations.
+WEIGHT_OPTIONS = ("weights", "checkpoint", "pretrained")
+_WEIGHT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+
+
+def _check_weight_names(options: dict[str, Any]) -> None:
+    from anomalens.backbones.weights import cache_dir
+
+    for key in WEIGHT_OPTIONS:
+        value = options.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not _WEIGHT_NAME.fullmatch(value) or ".." in value:
+            raise ServiceError(
+                422,
+                "bad_option",
+                f"option {key!r} must be a weight name (catalogue name, open_clip tag, 'random', "
+                f"or a file name in the server's weight cache {cache_dir()}), not a path or URL; "
+                f"got {value!r}",
+            )
+
+
 def check_method_options(method: str, options: dict[str, Any]) -> type[Detector]:
     """The detector class of ``method``; unknown names and options raise a 422 naming them."""
+    _check_weight_names(options)
     try:
         cls = get_detector_class(method)
     except KeyError as exc:
