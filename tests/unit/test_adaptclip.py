@@ -394,3 +394,13 @@ def test_untrained_adapters_are_seeded(tiny_backbone) -> None:  # type: ignore[n
     )
     with pytest.raises(ValueError, match="layers"):
         AdaptCLIP(tiny_backbone, layers=(1, 9))
+
+
+def test_config_reports_the_precision_the_given_backbone_runs_in() -> None:
+    from anomalens.backbones.tiny import make_tiny_clip
+    from anomalens.detectors.adaptclip import AdaptCLIP
+
+    bb = make_tiny_clip(seed=0, image_size=64, precision="bf16")
+    with pytest.warns(UserWarning, match="untrained"):
+        det = AdaptCLIP(bb)  # precision option left at its default "fp32"
+    assert det.config()["precision"] == "bf16"

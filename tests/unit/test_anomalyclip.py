@@ -290,3 +290,13 @@ def test_prompt_gradients_reach_every_used_parameter(tiny: ClipBackbone) -> None
     (text[1] - text[0]).pow(2).sum().backward()
     for name, p in learner.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_config_reports_the_precision_the_given_backbone_runs_in() -> None:
+    from anomalens.backbones.tiny import make_tiny_clip
+    from anomalens.detectors.anomalyclip import AnomalyCLIP
+
+    bb = make_tiny_clip(seed=0, image_size=64, precision="bf16")
+    with pytest.warns(UserWarning, match="untrained"):
+        det = AnomalyCLIP(bb)  # precision option left at its default "fp32"
+    assert det.config()["precision"] == "bf16"

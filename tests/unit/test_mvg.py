@@ -102,3 +102,14 @@ def test_two_shot_magnetic_tile_with_shared_mobilenet() -> None:
     ]
     # measured with the defaults: mean 0.88 on this subset, 0.73-0.88 over five test subsets
     assert np.mean(aurocs) >= 0.75, aurocs
+
+
+def test_failed_refit_leaves_the_detector_unfitted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    det = create_detector("mvg", backbone="resnet18", weights="random", image_size=64)
+    det.fit([textured_image(1)])
+    with pytest.raises(Exception):  # noqa: B017 - whatever the reader raises for a missing file
+        det.fit([tmp_path / "missing.png"])
+    # the old statistics were cleared by the failed fit: predict must not run on stale state
+    assert not det.is_fitted
+    with pytest.raises(NotFittedError):
+        det.predict([textured_image(3)])

@@ -81,7 +81,8 @@ class AdaptCLIP(Detector):
             (remapped by ``checkpoint_filter_fn``). None = untrained adapters (warns).
         pretrained: override of the preset's CLIP weights (local file, tag or ``hf-hub:`` id).
         device: torch device.
-        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``); adapters run fp32.
+        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``) when building it
+            from a preset name; a given ``ClipBackbone`` keeps its own. Adapters run fp32.
         batch_size: images per forward pass.
         layers: tapped blocks (1-indexed); default official for 24/12-block models.
         vv_start: first block of the V-V attention path; default official.
@@ -134,7 +135,8 @@ class AdaptCLIP(Detector):
             backbone, pretrained=pretrained, device=self.device, precision=precision
         )
         self.backbone.eval().requires_grad_(False)
-        self.precision = precision
+        # a ready ClipBackbone keeps its own dtype: record what actually runs
+        self.precision = str(self.backbone.precision)
         self.batch_size = batch_size
         self.image_size = int(self.backbone.image_size)
         num_blocks = int(self.backbone.num_layers)

@@ -110,7 +110,8 @@ class AnomalyCLIP(Detector):
             (remapped by ``checkpoint_filter_fn``). None = untrained prompts (warns).
         pretrained: override of the preset's CLIP weights (local file, tag or ``hf-hub:`` id).
         device: torch device.
-        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``).
+        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``) when building it
+            from a preset name; a given ``ClipBackbone`` keeps its own.
         batch_size: images per forward pass.
         layers: tapped blocks, 1-indexed (default: the last block, as the released results;
             the official test.py default is (6, 12, 18, 24)); per-layer maps are summed.
@@ -158,7 +159,8 @@ class AnomalyCLIP(Detector):
             backbone, pretrained=pretrained, device=self.device, precision=precision
         )
         self.backbone.eval().requires_grad_(False)
-        self.precision = precision
+        # a ready ClipBackbone keeps its own dtype: record what actually runs
+        self.precision = str(self.backbone.precision)
         self.batch_size = batch_size
         self.image_size = int(self.backbone.image_size)
         num_blocks = int(self.backbone.num_layers)

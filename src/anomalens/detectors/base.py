@@ -61,6 +61,8 @@ class Detector(abc.ABC):
                 f"{self.name} is a few-shot method: fit() needs at least one normal image "
                 "(e.g. --normal DIR on the command line)"
             )
+        # _fit may clear the old state before failing: never predict from a half-built model
+        self._fitted = False
         with torch.inference_mode():
             self._fit(images)
         self.num_shots = len(images)
