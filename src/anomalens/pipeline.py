@@ -280,7 +280,7 @@ def run_predict(
                 if save_overlays:
                     rel = f"overlays/{name}_overlay.png"
                     atomic_save_png(
-                        out / rel, overlay(im, m, vis_range=thr.vis_range, mask=pred_mask)
+                        out / rel, overlay(im, full, vis_range=thr.vis_range, mask=pred_mask)
                     )
                     row["overlay"] = rel
                 if save_masks:
