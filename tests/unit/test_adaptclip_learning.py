@@ -1,28 +1,27 @@
 """AdaptCLIP training learns something that transfers to categories never seen in training.
 
-Setup (tiny random CLIP, 64 px, 8 px patches -> 8x8 grid): normal images are rendered by the
-synthetic generator (``render_synthetic_sample``); anomalies are saturated colour stains
-(blue, magenta or green tint, elliptical, 6-12 px radius, i.e. one to three patches across)
-painted here with an exact mask, because the generator's own defects are a few pixels wide at
-64 px, far below one patch. Adapters are trained on ``woven``, ``grain`` and ``washer`` and
-tested, zero-shot and 1-shot, on the unseen ``tile`` and ``screw``, against untrained adapters
-(random init, several seeds). A colour stain is a cue that exists in every category, so even
-random CLIP features can carry it across categories. A mix of dark, bright and tinted blobs
-(10 epochs, lr 1e-3) gave no zero-shot pixel gain (see ``docs/methods/adaptclip.md``).
+Data: the project's synthetic generator (``generate_synthetic_dataset``) at 64 px (tiny random
+CLIP, 8 px patches -> 8x8 grid) with ``defect_types=("hole",)`` and ``defect_scale=4`` (at
+scale 1 the defects are smaller than one patch at 64 px; at 4 a hole covers about 170 px, a
+dark disc with a bright rim). Adapters are trained on ``woven``, ``grain`` and ``washer`` (4
+normal prompt images + 12 normal and 12 defective queries each; 15 epochs, lr 3e-3, batch 8)
+and tested, zero-shot and 1-shot, on the unseen ``tile`` and ``screw`` (10 + 10 each) against
+untrained adapters (random init seeds 0-2).
 
-Measured with ``run_learning_experiment`` (data seed 3, 12+12 training queries per category,
-15 epochs, lr 3e-3; mean +- std over training seeds 0-2 for trained, init seeds 0-2 untrained):
+Measured with ``run_learning_experiment`` (mean +- std; trained = training seeds 0-2,
+untrained = init seeds 0-2):
 
-    metric           untrained        trained
-    0-shot I-AUROC   0.588 +- 0.111   0.613 +- 0.033
-    0-shot P-AP      0.101 +- 0.089   0.342 +- 0.030
-    1-shot I-AUROC   0.827 +- 0.041   0.888 +- 0.060
-    1-shot P-AP      0.401 +- 0.011   0.579 +- 0.040
+    data seed        3 untrained      3 trained        5 untrained      5 trained
+    0-shot I-AUROC   0.420 +- 0.218   0.707 +- 0.022   0.532 +- 0.158   0.670 +- 0.011
+    0-shot P-AP      0.104 +- 0.071   0.144 +- 0.032   0.125 +- 0.084   0.139 +- 0.045
+    1-shot I-AUROC   0.810 +- 0.064   0.843 +- 0.024   0.902 +- 0.038   0.832 +- 0.019
+    1-shot P-AP      0.494 +- 0.033   0.656 +- 0.009   0.532 +- 0.034   0.629 +- 0.014
 
-Over these and 3 more (data seed, training seed) runs the pixel-AP gains were always >= +0.21
-(0-shot) and >= +0.12 (1-shot); the asserted margins are about half of that. Image AUROC did
-not improve reliably (one 1-shot run lost 0.02, 0-shot is within the untrained spread), so it
-is not asserted.
+Smallest gain of a trained seed over the untrained mean: +0.12 zero-shot image AUROC and +0.077
+one-shot pixel AP; the test asserts +0.06 and +0.04 (data seed 3, training seed 0). Zero-shot
+pixel AP and 1-shot image AUROC do not rise reliably and are not asserted. With stains and
+holes mixed (lr 1e-2) zero-shot image AUROC rose as well (+0.13 or more) but 1-shot pixel AP
+only by +0.003..+0.08 and zero-shot pixel AP fell (see ``docs/methods/adaptclip.md``).
 """
 
 from __future__ import annotations
@@ -36,7 +35,8 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from anomalens.data.synthetic import render_synthetic_sample
+from anomalens.data.mvtec import make_mvtec_index
+from anomalens.data.synthetic import generate_synthetic_dataset
 from anomalens.types import Sample
 
 torch.set_num_threads(1)
@@ -44,56 +44,23 @@ torch.set_num_threads(1)
 IMAGE_SIZE = 64
 TRAIN_CATEGORIES = ("woven", "grain", "washer")
 TEST_CATEGORIES = ("tile", "screw")
-#: (R, G, B) gains of the stains: off the palette of every synthetic category.
-STAIN_TINTS = ((0.5, 0.75, 1.3), (1.2, 0.6, 1.2), (0.6, 1.25, 0.6))
+DEFECT_TYPES = ("hole",)
+DEFECT_SCALE = 4.0
 
 
-def paint_stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Paint one saturated colour stain (a tinted ellipse) on an image.
-
-    Args:
-        image: (S, S, 3) uint8.
-        rng: random generator (position, radii, angle, tint).
-
-    Returns:
-        the stained image (S, S, 3) uint8 and its mask (S, S) bool (exactly the changed pixels).
-    """
-    s = image.shape[0]
-    y, x = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-    cy, cx = rng.uniform(0.2 * s, 0.8 * s, 2)
-    ry, rx = rng.uniform(0.09, 0.18, 2) * s
-    angle = rng.uniform(0, np.pi)
-    u = ((x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)) / rx
-    v = (-(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)) / ry
-    inside = (u**2 + v**2) < 1
-    tint = np.asarray(STAIN_TINTS[int(rng.integers(len(STAIN_TINTS)))], np.float32)
-    stained = np.clip(np.rint(image.astype(np.float32) * tint), 0, 255).astype(np.uint8)
-    out = np.where(inside[..., None], stained, image)
-    mask = (out != image).any(axis=2)
-    return out, mask
-
-
-def make_stain_dataset(
+def make_synthetic_samples(
     root: Path, categories: tuple[str, ...], n_train: int, n_test: int, seed: int
 ) -> list[Sample]:
-    """MVTec-like sample list: ``n_train`` normal train images, ``n_test`` normal and ``n_test``
-    stained test images per category (PNG files under ``root``)."""
-    samples = []
-    for ci, cat in enumerate(categories):
-        for split, label, n in (("train", 0, n_train), ("test", 0, n_test), ("test", 1, n_test)):
-            for i in range(n):
-                key = [seed, ci, int(split == "train"), label, i]
-                image = render_synthetic_sample(cat, key, None, IMAGE_SIZE).image
-                path = root / f"{cat}_{split}_{label}_{i}.png"
-                mask_path = None
-                if label:
-                    image, mask = paint_stain(image, np.random.default_rng([*key, 99]))
-                    mask_path = root / f"{cat}_{split}_{label}_{i}_mask.png"
-                    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-                Image.fromarray(image).save(path)
-                defect = "stain" if label else "good"
-                samples.append(Sample(path, label, mask_path, cat, defect, split))
-    return samples
+    """Train and test samples of the synthetic generator (``n_test`` normal and ``n_test``
+    defective test images per category), written under ``root``."""
+    generate_synthetic_dataset(
+        root, categories, n_train=n_train, n_test_good=n_test, n_test_defect=n_test,
+        image_size=IMAGE_SIZE, seed=seed, write_meta=False, defect_scale=DEFECT_SCALE,
+        defect_types=DEFECT_TYPES,
+    )  # fmt: skip
+    return [
+        s for c in categories for sp in ("train", "test") for s in make_mvtec_index(root, c, sp)
+    ]
 
 
 def evaluate(det, samples: list[Sample], shots: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -138,10 +105,12 @@ def run_learning_experiment(
     from anomalens.training.adaptclip import train_adaptclip
 
     root.mkdir(parents=True, exist_ok=True)
-    train = make_stain_dataset(
-        root, TRAIN_CATEGORIES, n_train=4, n_test=n_train_queries, seed=data_seed
+    train = make_synthetic_samples(
+        root / "train", TRAIN_CATEGORIES, n_train=4, n_test=n_train_queries, seed=data_seed
     )
-    test = make_stain_dataset(root, TEST_CATEGORIES, n_train=2, n_test=n_test, seed=data_seed + 1)
+    test = make_synthetic_samples(
+        root / "test", TEST_CATEGORIES, n_train=2, n_test=n_test, seed=data_seed + 1
+    )
     backbone = make_tiny_clip(seed=0, image_size=IMAGE_SIZE)
     out: dict[str, dict[str, tuple[float, float]]] = {}
     with warnings.catch_warnings():
@@ -175,8 +144,8 @@ def learning(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, tu
 
 @pytest.mark.parametrize(
     ("mode", "metric", "margin"),
-    [("zero", 1, 0.1), ("one", 1, 0.06)],
-    ids=["zero-shot-pixel-ap", "one-shot-pixel-ap"],
+    [("zero", 0, 0.06), ("one", 1, 0.04)],
+    ids=["zero-shot-image-auroc", "one-shot-pixel-ap"],
 )
 def test_training_beats_untrained_adapters_on_unseen_categories(
     learning: dict[str, dict[str, tuple[float, float]]], mode: str, metric: int, margin: float

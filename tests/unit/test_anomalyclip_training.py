@@ -1,10 +1,27 @@
 """AnomalyCLIP training: learned prompts transfer to unseen categories; resume; checkpoints.
 
-The tiny random CLIP cannot see the small defects of ``anomalens.data.synthetic`` (measured:
-no reliable gain, see docs/methods/anomalyclip.md), so the transfer test uses conspicuous
-defects (16 px bright or dark squares on 64 px images) on three texture "categories": prompts
-are trained on two and evaluated zero-shot on the third (pixel AP rises clearly; the image AUROC
-of the random global token does not, reliably).
+Transfer test data: the project's synthetic generator at 64 px (tiny random CLIP, 8x8 patch
+grid) with ``defect_types=("stain", "hole")`` and ``defect_scale=4`` (at scale 1 the defects are
+smaller than one 8 px patch). Prompts are trained on ``woven``, ``grain`` and ``washer`` (12
+normal + 12 defective images each; 30 epochs, lr 1e-2, batch 8) and evaluated zero-shot on the
+unseen ``tile`` and ``screw`` (10 + 10 each), against untrained prompts (init seeds 0-2, same
+backbone). Measured with ``run_transfer`` (mean +- std over seeds 0-4; I-AUROC of the official
+image score and, for information, of the anomaly-map maximum):
+
+    data seed  model      I-AUROC          P-AP             I-AUROC (map max)
+    3          untrained  0.372 +- 0.230   0.078 +- 0.032   0.498 +- 0.205
+    3          trained    0.829 +- 0.015   0.214 +- 0.027   0.704 +- 0.029
+    5          untrained  0.440 +- 0.076   0.075 +- 0.042   0.460 +- 0.069
+    5          trained    0.614 +- 0.015   0.134 +- 0.006   0.591 +- 0.027
+    11         untrained  0.440 +- 0.137   0.063 +- 0.025   0.515 +- 0.136
+    11         trained    0.692 +- 0.007   0.185 +- 0.002   0.769 +- 0.025
+
+Smallest gain of a trained seed over the untrained mean: +0.05 pixel AP and +0.16 image AUROC
+(data seed 5); the test (data seed 3, seeds 0-2) asserts +0.03 and +0.08 for every trained
+seed. The map maximum is reported only (the official image score is the global one).
+
+The resume tests use their own 16 px square defects on a noise texture (any labelled data will
+do there).
 """
 
 from __future__ import annotations
@@ -19,6 +36,8 @@ import torch
 from PIL import Image
 
 from anomalens.data.io import load_mask
+from anomalens.data.mvtec import make_mvtec_index
+from anomalens.data.synthetic import generate_synthetic_dataset
 from anomalens.metrics import image_metrics, pixel_metrics
 from anomalens.training.anomalyclip import FINAL_NAME, train_anomalyclip
 from anomalens.types import Sample
@@ -78,35 +97,77 @@ def _evaluate(det: Any, samples: list[Sample]) -> tuple[float, float]:
     )
 
 
-def run_transfer(tmp: Path, seed: int, epochs: int = 15) -> dict[str, tuple[float, float]]:
-    """Train on noise + stripes, test zero-shot on checker; (image AUROC, pixel AP) per model."""
+#: asserted gains of every trained seed over the untrained mean (see the module docstring)
+AP_MARGIN, AUROC_MARGIN = 0.03, 0.08
+TRANSFER_TRAIN = ("woven", "grain", "washer")
+TRANSFER_TEST = ("tile", "screw")
+
+
+def _synthetic_test_split(
+    root: Path, categories: tuple[str, ...], n: int, seed: int
+) -> list[Sample]:
+    """``n`` normal and ``n`` defective (stain/hole, scale 4) 64 px images per category."""
+    generate_synthetic_dataset(
+        root, categories, n_train=0, n_test_good=n, n_test_defect=n, image_size=SIZE, seed=seed,
+        write_meta=False, defect_scale=4.0, defect_types=("stain", "hole"),
+    )  # fmt: skip
+    return [s for c in categories for s in make_mvtec_index(root, c, "test")]
+
+
+def _evaluate_per_category(det: Any, samples: list[Sample]) -> tuple[float, float, float]:
+    """Mean over categories of (image AUROC, pixel AP, image AUROC of the map maximum)."""
+    out = []
+    for cat in sorted({s.category for s in samples}):
+        subset = [s for s in samples if s.category == cat]
+        i_auroc, p_ap = _evaluate(det, subset)
+        pred = det.predict([s.image_path for s in subset])
+        peak = pred.anomaly_map.flatten(1).amax(1).numpy()
+        labels = np.array([s.label for s in subset])
+        out.append((i_auroc, p_ap, image_metrics(peak, labels)["image_auroc"]))
+    return tuple(float(x) for x in np.mean(out, axis=0))  # type: ignore[return-value]
+
+
+def run_transfer(
+    tmp: Path,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    data_seed: int = 3,
+    epochs: int = 30,
+    n_train: int = 12,
+    n_test: int = 10,
+) -> dict[str, list[tuple[float, float, float]]]:
+    """Train on three synthetic categories, test zero-shot on two unseen ones.
+
+    Returns:
+        ``{"untrained": [...], "trained": [...]}``, one (image AUROC, pixel AP, map-max image
+        AUROC) per seed (prompt init seed, and training seed of the trained prompts).
+    """
     from anomalens.backbones.tiny import make_tiny_clip
     from anomalens.detectors.anomalyclip import AnomalyCLIP
 
-    train = make_square_defect_samples(tmp / "data", "noise", 24, seed) + (
-        make_square_defect_samples(tmp / "data", "stripes", 24, seed + 1)
-    )
-    test = make_square_defect_samples(tmp / "data", "checker", 24, seed + 2)
-    backbone = make_tiny_clip(seed=seed, image_size=SIZE)
-    with pytest.warns(UserWarning, match="untrained"):
-        untrained = AnomalyCLIP(backbone, seed=seed)
-    before = _evaluate(untrained, test)
-    ckpt = train_anomalyclip(
-        train, backbone, tmp / "run", epochs=epochs, lr=0.01, batch_size=8, seed=seed,
-        cache_features=True, progress=False, resume=False,
-    )  # fmt: skip
-    after = _evaluate(AnomalyCLIP(backbone, checkpoint=ckpt), test)
-    return {"untrained": before, "trained": after}
+    train = _synthetic_test_split(tmp / "train", TRANSFER_TRAIN, n_train, data_seed)
+    test = _synthetic_test_split(tmp / "test", TRANSFER_TEST, n_test, data_seed + 1)
+    backbone = make_tiny_clip(seed=0, image_size=SIZE)
+    out: dict[str, list[tuple[float, float, float]]] = {"untrained": [], "trained": []}
+    for seed in seeds:
+        with pytest.warns(UserWarning, match="untrained"):
+            untrained = AnomalyCLIP(backbone, seed=seed)
+        out["untrained"].append(_evaluate_per_category(untrained, test))
+        ckpt = train_anomalyclip(
+            train, backbone, tmp / f"run{seed}", epochs=epochs, lr=0.01, batch_size=8, seed=seed,
+            cache_features=True, progress=False, resume=False,
+        )  # fmt: skip
+        out["trained"].append(_evaluate_per_category(AnomalyCLIP(backbone, checkpoint=ckpt), test))
+    return out
 
 
-def test_trained_prompts_beat_untrained_on_an_unseen_category(tmp_path: Path) -> None:
-    # measured over seeds 0..5 (docs/methods/anomalyclip.md): pixel AP gains +0.10..+0.24
-    # (trained >= 4.8x untrained); the image AUROC of the random tiny CLIP's global token does
-    # not move reliably (gains -0.37..+0.43), so it is not asserted.
-    res = run_transfer(tmp_path, seed=0)
-    (_, ap0), (_, ap1) = res["untrained"], res["trained"]
-    assert ap1 >= ap0 + 0.07, res
-    assert ap1 >= 3 * ap0, res
+def test_trained_prompts_beat_untrained_on_unseen_categories(tmp_path: Path) -> None:
+    # margins: about half of the smallest gain of a trained seed over the untrained mean,
+    # measured over data seeds 3, 5, 11 (see the module docstring)
+    res = run_transfer(tmp_path)
+    untrained = np.mean(res["untrained"], axis=0)
+    for trained in res["trained"]:
+        assert trained[1] >= untrained[1] + AP_MARGIN, res
+        assert trained[0] >= untrained[0] + AUROC_MARGIN, res
 
 
 def _square_set(tmp: Path) -> list[Sample]:

@@ -141,3 +141,66 @@ def test_bad_arguments(tmp_path: Path, small_dataset: Path) -> None:
     left = sorted(p.name for p in (out / "grain").iterdir())
     assert left == [".anomalens_synthetic.json", "train"]  # stale files removed
     assert read_meta_json(out)["test"] == {}
+
+
+#: sha256 over (relative path, bytes) of every file of ``generate_synthetic_dataset(root,
+#: seed=5, **SMALL)``, computed before ``defect_scale``/``defect_types`` were added: the
+#: defaults must keep writing exactly the same files.
+DEFAULT_OUTPUT_SHA256 = "ae537a20d4a46dafd660e81ee062dcf8723ec3a4b6ae5e0d3186df857df6327b"
+
+
+def test_default_output_bytes_unchanged(small_dataset: Path) -> None:
+    h = hashlib.sha256()
+    for p in sorted(small_dataset.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(small_dataset)).encode())
+            h.update(p.read_bytes())
+    assert h.hexdigest() == DEFAULT_OUTPUT_SHA256
+
+
+@pytest.mark.parametrize("category", ["tile", "screw"])
+def test_defect_scale_makes_defects_larger(category: str) -> None:
+    for defect in ("stain", "spot", "hole", "scratch", "crack"):
+        areas = np.zeros(2)
+        for i in range(4):  # mean area over a few images: thin lines may leave the image
+            small = render_synthetic_sample(category, [4, i], defect, image_size=64)
+            large = render_synthetic_sample(category, [4, i], defect, 64, defect_scale=4.0)
+            areas += small.mask.sum(), large.mask.sum()
+            np.testing.assert_array_equal(large.clean, small.clean)  # only the defect changes
+            diff = np.abs(large.image.astype(int) - large.clean.astype(int)).max(axis=2)
+            assert (diff[~large.mask] == 0).all() and (diff[large.mask] > 0).all()
+        assert areas[1] >= 2 * areas[0], (defect, areas)
+    same = render_synthetic_sample(category, [4, 0], "stain", 64, defect_scale=1.0)
+    np.testing.assert_array_equal(
+        same.image, render_synthetic_sample(category, [4, 0], "stain", 64).image
+    )
+    with pytest.raises(ValueError, match="defect_scale must be a positive number"):
+        render_synthetic_sample(category, 0, "stain", 64, defect_scale=0.0)
+
+
+def test_defect_types_restrict_the_defects(tmp_path: Path) -> None:
+    root = generate_synthetic_dataset(
+        tmp_path / "r", ["woven", "screw"], defect_types=["stain", "hole"], defect_scale=3.0,
+        **SMALL,
+    )  # fmt: skip
+    for c in ("woven", "screw"):
+        counts = Counter(s.defect_type for s in make_mvtec_index(root, c, "test"))
+        assert counts == {"good": 1, "stain": 3, "hole": 3}
+        assert sorted(p.name for p in (root / c / "ground_truth").iterdir()) == ["hole", "stain"]
+    # the same seed and scale give the same stain images without the restriction
+    full = generate_synthetic_dataset(tmp_path / "f", ["woven"], defect_scale=3.0, **SMALL)
+    a, b = (root / "woven" / "test" / "stain" / "000.png"), (full / "woven" / "test" / "stain")
+    assert a.read_bytes() == (b / "000.png").read_bytes()
+    objects = generate_synthetic_dataset(
+        tmp_path / "o", ["washer"], defect_types="missing", **SMALL
+    )
+    assert {s.defect_type for s in make_mvtec_index(objects, "washer", "test")} == {
+        "good",
+        "missing",
+    }
+    with pytest.raises(ValueError, match="unknown defect type 'dent'"):
+        generate_synthetic_dataset(tmp_path / "x", ["woven"], defect_types=["dent"], **SMALL)
+    with pytest.raises(ValueError, match="category 'woven' has none of these defect types"):
+        generate_synthetic_dataset(tmp_path / "y", ["woven"], defect_types=["missing"], **SMALL)
+    with pytest.raises(ValueError, match="defect_scale must be a positive number"):
+        generate_synthetic_dataset(tmp_path / "z", ["woven"], defect_scale=-1.0, **SMALL)

@@ -332,12 +332,16 @@ def _defect_layer(
     cx: float,
     bg: np.ndarray | None,
     cov: np.ndarray,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(alpha (S, S) in [0, 1], target (S, S, 3)) of one defect centred near (cy, cx)."""
+    """(alpha (S, S) in [0, 1], target (S, S, 3)) of one defect centred near (cy, cx).
+
+    ``scale`` multiplies every length of the defect (radii, widths, steps).
+    """
     s = img.shape[0]
-    k = s / 256.0
+    k = s / 256.0 * scale
     if defect == "scratch":
-        length = rng.uniform(0.15, 0.3) * s
+        length = rng.uniform(0.15, 0.3) * s * scale
         a = rng.uniform(0, np.pi)
         t = np.linspace(-0.5, 0.5, 24)[:, None]
         direction = np.array([np.sin(a), np.cos(a)])
@@ -427,7 +431,11 @@ def _defect_centre(
 
 
 def render_synthetic_sample(
-    category: str, seed: int | Sequence[int], defect: str | None = None, image_size: int = 256
+    category: str,
+    seed: int | Sequence[int],
+    defect: str | None = None,
+    image_size: int = 256,
+    defect_scale: float = 1.0,
 ) -> SyntheticSample:
     """Render one image of ``category`` (with ``defect`` if given) from ``seed``.
 
@@ -436,6 +444,10 @@ def render_synthetic_sample(
         seed: integer or sequence of integers (fed to ``numpy.random.default_rng``).
         defect: one of the category's defect types, or None/``"good"`` for a normal image.
         image_size: side S of the square image.
+        defect_scale: multiplies every defect length (radius, width, length); 1.0 is the
+            default look (sizes relative to the image), larger values make the defects bigger
+            (e.g. 3-4 at 64 px so that a defect spans more than one 8 px ViT patch). The
+            same seed gives the same image for any scale; only the defect changes.
 
     Returns:
         The image, its exact mask and the defect-free rendering (see ``SyntheticSample``).
@@ -453,6 +465,8 @@ def render_synthetic_sample(
         )
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
+    if not (np.isfinite(defect_scale) and defect_scale > 0):
+        raise ValueError(f"defect_scale must be a positive number, got {defect_scale}")
     rng = np.random.default_rng(seed)
     s = int(image_size)
     base, cov, bg = _RENDERERS[category](rng, s)
@@ -467,7 +481,7 @@ def render_synthetic_sample(
     min_px = max(4, round(_MIN_DEFECT_PIXELS * (s / 256) ** 2))
     for _ in range(50):
         cy, cx = _defect_centre(defect, rng, cov, spec.kind)
-        alpha, target = _defect_layer(defect, rng, base, cy, cx, bg, cov)
+        alpha, target = _defect_layer(defect, rng, base, cy, cx, bg, cov, defect_scale)
         alpha = np.where(alpha >= _ALPHA_FLOOR, alpha, 0.0).astype(np.float32)[..., None]
         out = np.clip(np.rint(base * (1 - alpha) + target * alpha), 0, 255).astype(np.uint8)
         mask = alpha[..., 0] > 0
@@ -487,6 +501,33 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).save(path, format="PNG", compress_level=1)
 
 
+def _check_defect_types(
+    categories: Sequence[str], defect_types: Sequence[str] | None, n_test_defect: int
+) -> dict[str, tuple[str, ...]]:
+    """The defect types to cycle through per category (all, or those in ``defect_types``)."""
+    if defect_types is None:
+        return {c: SYNTHETIC_CATEGORIES[c].defects for c in categories}
+    if isinstance(defect_types, str):
+        defect_types = [defect_types]
+    unknown = [d for d in defect_types if d not in SYNTHETIC_DEFECTS]
+    if unknown:
+        raise ValueError(
+            f"defect_types: unknown defect type {', '.join(map(repr, unknown))}; available: "
+            f"{', '.join(SYNTHETIC_DEFECTS)}"
+        )
+    chosen = {
+        c: tuple(d for d in SYNTHETIC_CATEGORIES[c].defects if d in defect_types)
+        for c in categories
+    }
+    empty = [c for c, d in chosen.items() if not d]
+    if empty and n_test_defect > 0:
+        raise ValueError(
+            f"defect_types {list(defect_types)}: category {', '.join(map(repr, empty))} has none "
+            "of these defect types"
+        )
+    return chosen
+
+
 def generate_synthetic_dataset(
     root: str | Path,
     categories: Sequence[str] | None = None,
@@ -497,6 +538,8 @@ def generate_synthetic_dataset(
     seed: int = 0,
     overwrite: bool = False,
     write_meta: bool = True,
+    defect_scale: float = 1.0,
+    defect_types: Sequence[str] | None = None,
 ) -> Path:
     """Write a synthetic dataset in MVTec layout under ``root`` and return ``root``.
 
@@ -519,9 +562,15 @@ def generate_synthetic_dataset(
             this generator wrote (they hold a ``.anomalens_synthetic.json`` marker) are
             replaced; any other existing folder of the same name is an error.
         write_meta: also write ``<root>/meta.json``.
+        defect_scale: multiplies every defect length (see ``render_synthetic_sample``).
+        defect_types: keep only these defect types (names from ``SYNTHETIC_DEFECTS``);
+            defective test images cycle through the category's types that are in this list.
+            Default: all of the category's types.
 
     Raises:
-        ValueError: unknown category or negative counts.
+        ValueError: unknown category or defect type, negative counts, a non-positive
+            ``defect_scale``, or a category with none of ``defect_types`` while
+            ``n_test_defect > 0``.
         FileExistsError: a category folder not written by this generator exists and
             ``overwrite`` is False.
     """
@@ -535,6 +584,9 @@ def generate_synthetic_dataset(
         )
     if min(n_train, n_test_good, n_test_defect) < 0:
         raise ValueError("image counts must be >= 0")
+    if not (np.isfinite(defect_scale) and defect_scale > 0):
+        raise ValueError(f"defect_scale must be a positive number, got {defect_scale}")
+    chosen = _check_defect_types(cats, defect_types, n_test_defect)
     for c in cats:
         if (root / c).exists():
             if not (overwrite or (root / c / _MARKER).is_file()):
@@ -544,23 +596,27 @@ def generate_synthetic_dataset(
                 )
             shutil.rmtree(root / c)
     for c in cats:
-        spec = SYNTHETIC_CATEGORIES[c]
+        defects = chosen[c]
         plan: list[tuple[str, str, int, str | None]] = [
             ("train", "good", i, None) for i in range(n_train)
         ]
         plan += [("test", "good", i, None) for i in range(n_test_good)]
         counts: dict[str, int] = {}
         for i in range(n_test_defect):
-            d = spec.defects[i % len(spec.defects)]
+            d = defects[i % len(defects)]
             plan.append(("test", d, counts.get(d, 0), d))
             counts[d] = counts.get(d, 0) + 1
         (root / c).mkdir(parents=True)
         settings = {"category": c, "image_size": image_size, "seed": seed, "n_train": n_train}
         settings |= {"n_test_good": n_test_good, "n_test_defect": n_test_defect}
+        if defect_scale != 1.0:  # only non-default options, so default markers are unchanged
+            settings["defect_scale"] = defect_scale
+        if defect_types is not None:
+            settings["defect_types"] = list(defects)
         (root / c / _MARKER).write_text(json.dumps(settings, indent=4) + "\n", encoding="utf-8")
         for split, folder, idx, defect in plan:
             smp = render_synthetic_sample(
-                c, _item_seed(seed, c, f"{split}/{folder}", idx), defect, image_size
+                c, _item_seed(seed, c, f"{split}/{folder}", idx), defect, image_size, defect_scale
             )
             out = root / c / split / folder
             out.mkdir(parents=True, exist_ok=True)
