@@ -476,3 +476,13 @@ def test_offline_tag_uses_cached_file(
         bb.encode_image(x, layers=(4,)).global_embedding,
         ref.encode_image(x, layers=(4,)).global_embedding,
     )
+
+
+def test_check_taps_validates_layers_and_vv_start() -> None:
+    from anomalens.backbones.clip import check_taps
+
+    assert check_taps(24, [6, 12, 18, 24], 6) == ((6, 12, 18, 24), 6)
+    with pytest.raises(ValueError, match="layers"):
+        check_taps(12, (6, 13), 4)
+    with pytest.raises(ValueError, match="vv_start"):
+        check_taps(12, (12,), 0)

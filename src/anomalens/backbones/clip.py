@@ -51,6 +51,7 @@ __all__ = [
     "ClipImageTokens",
     "Precision",
     "build_clip_backbone",
+    "check_taps",
     "load_state_dict_file",
     "openai_clip_config",
     "resize_positional_embedding",
@@ -1129,3 +1130,19 @@ def build_clip_backbone(
     if pretrained is not None:
         overrides["pretrained"] = pretrained
     return ClipBackbone.from_preset(backbone, **overrides), backbone
+
+
+def check_taps(
+    num_blocks: int, layers: Sequence[int], vv_start: int
+) -> tuple[tuple[int, ...], int]:
+    """Validate 1-indexed tap layers and the first V-V block against the tower's depth.
+
+    Returns:
+        (layers as a tuple of ints, vv_start as an int).
+    """
+    taps = tuple(int(i) for i in layers)
+    if not taps or any(not 1 <= i <= num_blocks for i in taps):
+        raise ValueError(f"layers {taps} must lie in 1..{num_blocks}")
+    if not 1 <= int(vv_start) <= num_blocks:
+        raise ValueError(f"vv_start={vv_start} must lie in 1..{num_blocks}")
+    return taps, int(vv_start)

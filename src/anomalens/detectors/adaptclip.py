@@ -129,7 +129,7 @@ class AdaptCLIP(Detector):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if fusion not in ("average_mean", "harmonic_mean"):
             raise ValueError(f"fusion must be 'average_mean' or 'harmonic_mean', got {fusion!r}")
-        from anomalens.backbones.clip import build_clip_backbone
+        from anomalens.backbones.clip import build_clip_backbone, check_taps
 
         self.backbone, self.backbone_name = build_clip_backbone(
             backbone, pretrained=pretrained, device=self.device, precision=precision
@@ -140,10 +140,11 @@ class AdaptCLIP(Detector):
         self.batch_size = batch_size
         self.image_size = int(self.backbone.image_size)
         num_blocks = int(self.backbone.num_layers)
-        self.layers = tuple(int(i) for i in (layers or default_layers(num_blocks)))
-        self.vv_start = int(vv_start) if vv_start is not None else default_vv_start(num_blocks)
-        if any(not 1 <= i <= num_blocks for i in self.layers):
-            raise ValueError(f"layers {self.layers} must lie in 1..{num_blocks}")
+        self.layers, self.vv_start = check_taps(
+            num_blocks,
+            layers or default_layers(num_blocks),
+            vv_start if vv_start is not None else default_vv_start(num_blocks),
+        )
         self.pq_context = pq_context
         self.temperature = float(temperature)
         self.sigma = float(sigma)
