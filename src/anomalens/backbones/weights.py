@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +31,7 @@ __all__ = [
     "WeightSpec",
     "cache_dir",
     "is_offline",
+    "read_checkpoint",
     "resolve_weights",
     "sha256_file",
 ]
@@ -202,3 +204,39 @@ def resolve_weights(
         cached.unlink()
         raise _not_available(name, cached, "downloaded file has the wrong sha256")
     return cached
+
+
+def read_checkpoint(path: str | os.PathLike[str], what: str) -> tuple[dict, dict[str, str]]:
+    """Read a checkpoint file safely: ``.safetensors``, or a torch pickle with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only, no code).
+
+    Args:
+        path: the file.
+        what: what the file should hold, for error messages (e.g. "AdaptCLIP checkpoint").
+
+    Returns:
+        (top-level mapping as stored, safetensors metadata or ``{}``), on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, or its top level is not a mapping.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read {what} {path} with torch.load(weights_only=True): {exc}"
+        ) from exc
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{what} {path} holds a {type(obj).__name__}, not a dict")
+    return dict(obj), {}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from anomalens.backbones.weights import read_checkpoint
 from anomalens.detectors._adaptclip_modules import AdapterConfig
 
 __all__ = [
@@ -241,25 +242,7 @@ def load_adapter_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], 
         KeyError / ValueError: the file is not an AdaptCLIP adapter checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"AdaptCLIP checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), "pt") as f:
-            metadata = dict(f.metadata() or {})
-        raw: dict[str, object] = dict(load_file(str(path)))
-    else:
-        metadata = {}
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read AdaptCLIP checkpoint {path}: {exc}") from exc
-        if not isinstance(raw, Mapping):
-            raise ValueError(
-                f"AdaptCLIP checkpoint {path} holds a {type(raw).__name__}, not a dict"
-            )
+    raw, metadata = read_checkpoint(path, "AdaptCLIP checkpoint")
     try:
         return checkpoint_filter_fn(raw), metadata
     except (KeyError, ValueError) as exc:

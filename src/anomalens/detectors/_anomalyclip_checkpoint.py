@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from anomalens.backbones.weights import read_checkpoint
 from anomalens.detectors._anomalyclip_modules import PromptConfig
 
 __all__ = [
@@ -150,26 +151,7 @@ def load_prompt_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], d
         ValueError: unreadable file or not an AnomalyCLIP prompt learner.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"AnomalyCLIP checkpoint not found: {path}")
-    metadata: dict[str, str] = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"cannot read AnomalyCLIP checkpoint {path} with torch.load(weights_only=True): "
-                f"{exc}"
-            ) from exc
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"AnomalyCLIP checkpoint {path} holds a {type(obj).__name__}")
-        raw = obj  # type: ignore[assignment]
+    raw, metadata = read_checkpoint(path, "AnomalyCLIP checkpoint")
     try:
         return checkpoint_filter_fn(raw), metadata
     except KeyError as exc:
