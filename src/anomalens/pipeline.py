@@ -205,17 +205,22 @@ def run_predict(
         raise ValueError("no image to inspect")
     names = _unique_names(image_paths)
     precomputed: dict[Path, tuple[float, np.ndarray, float]] = {}
-    if thr is None:
-        # batch methods score every image in one call; the batch sets its own threshold
+    if detector.learning_type is LearningType.BATCH_ZERO_SHOT:
+        # batch methods score every image in one call (a result depends on the whole batch,
+        # so a resumed run re-scores the whole batch too); without another threshold policy
+        # the batch sets its own threshold
         n_err = len(errors)
         loaded_all = load_images_reporting(image_paths, errors)
         del errors[n_err:]  # reported once, when the images are read below
         if len(loaded_all) < 3:
             raise ValueError(f"{detector.name} needs a batch of at least 3 readable images")
         tb = time.perf_counter()
-        all_scores, all_maps = detector.predict([im for _, im in loaded_all]).to_numpy()
+        all_scores, all_maps = detector.predict(
+            [im for _, im in loaded_all], groups=[p.parent.name for p, _ in loaded_all]
+        ).to_numpy()
         per = (time.perf_counter() - tb) / len(loaded_all)
-        thr = batch_robust_threshold(all_scores, all_maps)
+        if thr is None:
+            thr = batch_robust_threshold(all_scores, all_maps)
         precomputed = {
             p: (float(sc), mp, per) for (p, _), sc, mp in zip(loaded_all, all_scores, all_maps)
         }
@@ -260,7 +265,9 @@ def run_predict(
                 per_image = precomputed[loaded[0][0]][2]
             else:
                 tb = time.perf_counter()
-                scores, maps = detector.predict([im for _, im in loaded]).to_numpy()
+                scores, maps = detector.predict(
+                    [im for _, im in loaded], groups=[p.parent.name for p, _ in loaded]
+                ).to_numpy()
                 per_image = (time.perf_counter() - tb) / len(loaded)
             for (p, im), s, m in zip(loaded, scores, maps):
                 name = name_of[p]

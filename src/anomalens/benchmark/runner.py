@@ -102,7 +102,7 @@ def evaluate_category(
     bar = tqdm(total=len(test), desc=desc, unit="img", disable=not progress, leave=False)
     for i in range(0, len(test), step):
         chunk = test[i : i + step]
-        imgs, masks, labs = [], [], []
+        imgs, masks, labs, groups = [], [], [], []
         for s in chunk:
             try:
                 im = load_image(s.image_path)
@@ -115,9 +115,10 @@ def evaluate_category(
             imgs.append(im)
             masks.append(resize_mask(mask, size))
             labs.append(int(s.label))
+            groups.append(s.defect_type)
         if imgs:
             t = time.perf_counter()
-            sc, mp = detector.predict(imgs).to_numpy()
+            sc, mp = detector.predict(imgs, groups=groups).to_numpy()
             predict_seconds += time.perf_counter() - t
             scores.extend(sc.tolist())
             labels.extend(labs)

@@ -69,8 +69,16 @@ class Detector(abc.ABC):
         self._fitted = True
         return self
 
-    def predict(self, images: Sequence[ImageLike]) -> Prediction:
+    def predict(
+        self, images: Sequence[ImageLike], groups: Sequence[str] | None = None
+    ) -> Prediction:
         """Score a batch of images.
+
+        Args:
+            images: the images (arrays, PIL images or paths).
+            groups: optional group label per image (e.g. its defect-type folder). Only batch
+                methods that split a batch into stratified subsets use it (MuSc with
+                ``divide_num > 1``); every other method ignores it.
 
         Returns:
             Prediction with image_score (B,) and anomaly_map (B, S, S), float32 on the CPU.
@@ -78,6 +86,8 @@ class Detector(abc.ABC):
         images = list(images)
         if not images:
             raise ValueError("predict() got no image")
+        if groups is not None and len(groups) != len(images):
+            raise ValueError(f"predict() got {len(images)} images but {len(groups)} group labels")
         if not self._fitted:
             if self.learning_type is LearningType.FEW_SHOT:
                 raise NotFittedError(
@@ -85,7 +95,7 @@ class Detector(abc.ABC):
                 )
             self.fit(None)
         with torch.inference_mode():
-            pred = self._predict(images)
+            pred = self._predict_grouped(images, None if groups is None else list(groups))
         return Prediction(
             image_score=pred.image_score.float().cpu(),
             anomaly_map=pred.anomaly_map.float().cpu(),
@@ -109,3 +119,7 @@ class Detector(abc.ABC):
     @abc.abstractmethod
     def _predict(self, images: list[ImageLike]) -> Prediction:
         """Score images; called under ``torch.inference_mode``."""
+
+    def _predict_grouped(self, images: list[ImageLike], groups: list[str] | None) -> Prediction:
+        """Score images with optional group labels; by default the labels are ignored."""
+        return self._predict(images)
