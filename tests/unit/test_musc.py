@@ -117,6 +117,51 @@ def test_float16_feature_storage_close(pixel_musc: MuSc) -> None:
     assert (half.anomaly_map - ref.anomaly_map).abs().max() < 1e-2
 
 
+def test_divide_num_scores_each_subset_alone_and_rscin_on_all() -> None:
+    """divide_num = 2: each subset equals a MuSc run on that subset alone (before RsCIN)."""
+    images = _textures(12, seed=5)
+    images[3][20:28, 20:28] = [250, 30, 30]
+    groups = ["good"] * 9 + ["stain"] * 3
+    det = MuSc(backbone=PixelPatches(), image_size=64, chunk_size=4, divide_num=2)
+    pred = det.predict(images, groups=groups)
+    subset = pred.extras["subset"]
+    assert sorted(subset.tolist()) == [0] * 7 + [1] * 5  # 9 good -> 5 + 4, 3 stain -> 2 + 1
+    assert [int(subset[groups.index("stain") :].eq(t).sum()) for t in (0, 1)] == [2, 1]
+    for t in (0, 1):
+        members = [i for i in range(12) if subset[i] == t]
+        alone = MuSc(backbone=PixelPatches(), image_size=64, chunk_size=4).predict(
+            [images[i] for i in members]
+        )
+        got = pred.extras["score_before_rscin"][members]
+        torch.testing.assert_close(got, alone.extras["score_before_rscin"], atol=1e-9, rtol=0)
+        torch.testing.assert_close(pred.anomaly_map[members], alone.anomaly_map, atol=1e-6, rtol=0)
+    assert pred.image_score.argmax().item() == 3
+    assert det.config()["divide_num"] == 2
+
+
+def test_divide_num_groups_from_parent_folders(tmp_path: Path) -> None:
+    """Paths without explicit groups are stratified by their parent folder."""
+    from PIL import Image
+
+    paths = []
+    for i, im in enumerate(_textures(10, seed=6)):
+        folder = tmp_path / ("good" if i < 6 else "crack")
+        folder.mkdir(exist_ok=True)
+        paths.append(folder / f"{i:03d}.png")
+        Image.fromarray(im).save(paths[-1])
+    det = MuSc(backbone=PixelPatches(), image_size=64, divide_num=2)
+    subset = det.predict(paths).extras["subset"]  # two subsets of 3 good + 2 crack
+    assert subset[:6].tolist().count(0) == 3 and subset[6:].tolist().count(0) == 2
+
+
+def test_divide_num_subset_of_one_image_is_rejected() -> None:
+    det = MuSc(backbone=PixelPatches(), image_size=64, divide_num=3)
+    with pytest.raises(ValueError, match="subset of 1 image"):
+        det.predict(_textures(4))  # 4 images in 3 subsets of 2, 1, 1
+    with pytest.raises(ValueError, match="group labels"):
+        det.predict(_textures(6), groups=["good"] * 5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -127,6 +172,7 @@ def test_float16_feature_storage_close(pixel_musc: MuSc) -> None:
         ({"feature_dtype": "int8"}, "feature_dtype"),
         ({"layers": (1,)}, "layers"),
         ({"topmin": (0.5, 0.2)}, "topmin"),
+        ({"divide_num": 0}, "divide_num"),
     ],
 )
 def test_invalid_options(kwargs: dict[str, Any], match: str) -> None:

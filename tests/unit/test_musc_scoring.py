@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.scoring.musc import (
+    divide_subsets,
     fuse_scores,
     interval_bounds,
     lnamd,
@@ -210,3 +211,24 @@ def test_rscin_disabled_and_errors() -> None:
     assert rscin(s, g, []).dtype == torch.float32
     with pytest.raises(ValueError, match="same N"):
         rscin(s, torch.eye(3))
+
+
+def test_divide_subsets_official_rule() -> None:
+    """Sorted groups, one seeded shuffle stream, subset t = every divide_num-th from t."""
+    import random
+
+    groups = ["good"] * 7 + ["crack"] * 2 + ["hole"]
+    subsets = divide_subsets(groups, 3, seed=42)
+    rng = random.Random(42)
+    crack, good, hole = [7, 8], list(range(7)), [9]
+    for part in (crack, good, hole):  # sorted group names
+        rng.shuffle(part)
+    expected = [crack[t::3] + good[t::3] + hole[t::3] for t in range(3)]
+    assert subsets == expected
+    assert sorted(i for s in subsets for i in s) == list(range(10))
+    assert divide_subsets(groups, 3, seed=42) == subsets  # deterministic
+    assert divide_subsets(groups, 3, seed=7) != subsets
+    assert divide_subsets(groups, 1) == [list(range(10))]
+    assert [len(s) for s in divide_subsets(["a", "a"], 4)] == [1, 1, 0, 0]  # first subsets only
+    with pytest.raises(ValueError, match="divide_num"):
+        divide_subsets(groups, 0)

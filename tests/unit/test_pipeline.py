@@ -204,3 +204,34 @@ def test_resume_does_not_reuse_rows_of_another_image_list(folders, tmp_path):
     assert {Path(r["path"]).parent for r in s.rows} == {other}
     lines = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
     assert all(str(other) in line for line in lines)
+
+
+def test_resumed_batch_method_rescores_the_whole_batch(tmp_path):
+    """A batch method's result depends on the whole batch: a resumed run with a fixed
+    threshold must give the rows of an uninterrupted run, not score the rest alone."""
+    images = tmp_path / "batch"
+    for i in range(6):
+        _write(images, f"g{i}.png", np.full((16, 16, 3), 60 + 30 * i, np.uint8))
+    paths = sorted(images.iterdir())
+    spec = ThresholdSpec(fixed=0.2)
+    full = run_predict(
+        lambda: create_detector("toy-batch"), paths, tmp_path / "a", threshold=spec, progress=False
+    )
+    out = tmp_path / "b"
+    run_predict(lambda: create_detector("toy-batch"), paths, out, threshold=spec, progress=False)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")  # killed after 2 rows
+    groups_seen = []
+
+    def factory():
+        det = create_detector("toy-batch")
+        orig = det._predict_grouped
+        det._predict_grouped = lambda ims, g: (groups_seen.append(g), orig(ims, g))[1]
+        return det
+
+    resumed = run_predict(factory, paths, out, threshold=spec, progress=False)
+    assert groups_seen == [["batch"] * 6]  # one call over all images, parent folder as group
+    by_path = {r["path"]: r["score"] for r in full.rows}
+    assert len(resumed.rows) == 6
+    for r in resumed.rows:
+        assert r["score"] == pytest.approx(by_path[r["path"]], abs=1e-6)

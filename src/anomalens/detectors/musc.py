@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -31,6 +32,7 @@ from anomalens.detectors.base import Detector
 from anomalens.registry import register_detector
 from anomalens.scoring.musc import (
     MIN_IMAGES_FOR_DEFAULT_INTERVAL,
+    divide_subsets,
     fuse_scores,
     interval_bounds,
     lnamd,
@@ -252,6 +254,18 @@ def _native_clip_size(model_name: str) -> int | None:
     return int(size) if isinstance(size, int) else None
 
 
+def _parent_folder(image: ImageLike) -> str:
+    """Group label of an image given as a path (its folder name); "" for in-memory images."""
+    return Path(image).parent.name if isinstance(image, (str, Path)) else ""
+
+
+def _subset_of_image(subsets: list[list[int]], n: int) -> torch.Tensor:
+    out = torch.empty(n, dtype=torch.int64)
+    for t, subset in enumerate(subsets):
+        out[subset] = t
+    return out
+
+
 @register_detector("musc")
 class MuSc(Detector):
     """MuSc (ICLR 2024): batched zero-shot detection by mutual scoring of unlabeled images.
@@ -283,6 +297,15 @@ class MuSc(Detector):
         batch_size: images per backbone forward.
         feature_dtype: storage dtype of the per-layer tokens of the whole batch
             (``"float16"`` halves the memory; computation stays float32).
+        divide_num: split the batch into this many stratified subsets scored separately
+            (the official mechanism for big test sets: MSM cost and feature memory fall by
+            about ``divide_num``, and each image is compared with the images of its own subset
+            only). Subsets are stratified by the ``groups`` given to ``predict`` (the
+            defect-type folder in ``benchmark``; the parent folder in ``anomalens predict``)
+            exactly as the official code (:func:`~anomalens.scoring.musc.divide_subsets`).
+            RsCIN always runs once on the whole batch. 1 = the whole batch at once (default,
+            the setting of the published numbers).
+        divide_seed: seed of the subset shuffle (the official script: 42).
         device: torch device.
     """
 
@@ -302,6 +325,8 @@ class MuSc(Detector):
         chunk_size: int | None = 8,
         batch_size: int = 4,
         feature_dtype: str = "float32",
+        divide_num: int = 1,
+        divide_seed: int = 42,
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(device=device)
@@ -311,6 +336,8 @@ class MuSc(Detector):
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(divide_num) < 1:
+            raise ValueError(f"divide_num must be >= 1, got {divide_num}")
         if feature_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(
                 f"feature_dtype must be float32, float16 or bfloat16, got {feature_dtype!r}"
@@ -323,6 +350,8 @@ class MuSc(Detector):
         self.chunk_size = chunk_size
         self.batch_size = int(batch_size)
         self.feature_dtype = getattr(torch, feature_dtype)
+        self.divide_num = int(divide_num)
+        self.divide_seed = int(divide_seed)
         self.extractor = self._build_extractor(backbone, pretrained, weights, layers, quick_gelu)
 
     # ---------------------------------------------------------------------- construction
@@ -384,6 +413,9 @@ class MuSc(Detector):
             )
 
     def _predict(self, images: list[ImageLike]) -> Prediction:
+        return self._predict_grouped(images, None)
+
+    def _predict_grouped(self, images: list[ImageLike], groups: list[str] | None) -> Prediction:
         n = len(images)
         if n < 2:
             raise ValueError(
@@ -391,21 +423,49 @@ class MuSc(Detector):
                 f"got {n} image; pass all test images of a category at once (>= "
                 f"{MIN_IMAGES_FOR_DEFAULT_INTERVAL} recommended)"
             )
-        if n < MIN_IMAGES_FOR_DEFAULT_INTERVAL:
+        if groups is None:
+            groups = [_parent_folder(im) for im in images]
+        subsets = [s for s in divide_subsets(groups, self.divide_num, self.divide_seed) if s]
+        small = min(len(s) for s in subsets)
+        if small < 2:
+            raise ValueError(
+                f"divide_num={self.divide_num} leaves a subset of 1 image out of {n} (MuSc "
+                "scores each image against the other images of its subset); use a smaller "
+                "divide_num"
+            )
+        if small < MIN_IMAGES_FOR_DEFAULT_INTERVAL:
+            what = "only" if len(subsets) == 1 else f"a subset (divide_num={self.divide_num}) of"
             warnings.warn(
-                f"MuSc got only {n} images: the interval average of the smallest "
+                f"MuSc got {what} {small} images: the interval average of the smallest "
                 f"{self.topmin[1]:.0%} of the other images' distances is empty below "
                 f"{MIN_IMAGES_FOR_DEFAULT_INTERVAL} images; using the nearest image only",
                 stacklevel=3,
             )
-        feats = self.extract_features(images)
-        maps, raw, patch_maps = self.score_features(feats.tokens, feats.grids)
-        emb = F.normalize(feats.embedding.float().cpu(), dim=-1)
+        maps = torch.empty(n, self.image_size, self.image_size, dtype=torch.float32)
+        raw = torch.empty(n, dtype=torch.float64)
+        emb: torch.Tensor | None = None
+        patch_maps: torch.Tensor | None = None
+        for subset in subsets:
+            feats = self.extract_features([images[i] for i in subset])
+            sub_maps, sub_raw, sub_patch = self.score_features(feats.tokens, feats.grids)
+            index = torch.tensor(subset)
+            maps[index], raw[index] = sub_maps, sub_raw
+            sub_emb = F.normalize(feats.embedding.float().cpu(), dim=-1)
+            if emb is None or patch_maps is None:
+                emb = sub_emb.new_empty(n, sub_emb.shape[1])
+                patch_maps = sub_patch.new_empty(n, *sub_patch.shape[1:]).cpu()
+            emb[index], patch_maps[index] = sub_emb, sub_patch.cpu()
+            del feats
+        assert emb is not None and patch_maps is not None
         score = rscin(raw, emb, self.k_list)
         return Prediction(
             image_score=score.float(),
             anomaly_map=maps,
-            extras={"score_before_rscin": raw, "patch_map": patch_maps.float().cpu()},
+            extras={
+                "score_before_rscin": raw,
+                "patch_map": patch_maps.float(),
+                "subset": _subset_of_image(subsets, n),
+            },
         )
 
     # ------------------------------------------------------------------------------ stages
@@ -480,6 +540,8 @@ class MuSc(Detector):
                 "k_list": list(self.k_list),
                 "chunk_size": self.chunk_size,
                 "feature_dtype": str(self.feature_dtype).removeprefix("torch."),
+                "divide_num": self.divide_num,
+                "divide_seed": self.divide_seed,
             }
         )
         cfg.update(self.extractor.describe())

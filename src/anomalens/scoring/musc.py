@@ -12,12 +12,16 @@ MuSc (Li et al., ICLR 2024) scores a *batch* of unlabeled test images against ea
    resizes them bilinearly (``align_corners=True``), :func:`max_scores` takes the image score.
 4. :func:`rscin` re-scores the image scores with a similarity graph over global embeddings.
 
+:func:`divide_subsets` splits a big category into stratified subsets that are scored
+separately (the official ``divide_num``); RsCIN then runs once on the whole category.
+
 Every function is device-agnostic; shapes are given in the docstrings.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "MIN_IMAGES_FOR_DEFAULT_INTERVAL",
+    "divide_subsets",
     "fuse_scores",
     "interval_bounds",
     "lnamd",
@@ -190,6 +195,41 @@ def mutual_scores(
         smallest = torch.topk(dist, hi, dim=2, largest=False, sorted=True).values
         out[q0:q1] = smallest[:, :, lo:hi].mean(dim=2)
     return out
+
+
+# ------------------------------------------------------------------------------ subsets
+def divide_subsets(groups: Sequence[str], divide_num: int, seed: int = 42) -> list[list[int]]:
+    """Stratified split of a category into ``divide_num`` subsets (official ``divide_num``).
+
+    As the official dataset class: groups (defect-type folders) are visited in sorted order;
+    the positions of each group are shuffled with one ``random.Random(seed)`` stream shared
+    by all groups, cut into consecutive chunks of ``divide_num``, and subset t takes the t-th
+    element of every chunk. Groups smaller than ``divide_num`` therefore feed only the first
+    subsets. Within a group, positions keep the caller's order before the shuffle (the
+    official dataset lists files by sorted name; give them in that order to reproduce its
+    subsets exactly). ``divide_num = 1`` keeps everything in one subset, in input order.
+
+    Args:
+        groups: one group label per image (e.g. the defect-type folder name).
+        divide_num: number of subsets, >= 1.
+        seed: seed of the shuffle (the official script passes 42).
+
+    Returns:
+        ``divide_num`` lists of positions into ``groups`` (an empty list for a subset that
+        gets no image), each in the official row order.
+    """
+    if divide_num < 1:
+        raise ValueError(f"divide_num must be >= 1, got {divide_num}")
+    if divide_num == 1:
+        return [list(range(len(groups)))]
+    rng = random.Random(seed)
+    subsets: list[list[int]] = [[] for _ in range(divide_num)]
+    for name in sorted(set(groups)):
+        positions = [i for i, g in enumerate(groups) if g == name]
+        rng.shuffle(positions)
+        for t in range(divide_num):
+            subsets[t].extend(positions[t::divide_num])
+    return subsets
 
 
 # ------------------------------------------------------------------------- maps and scores
