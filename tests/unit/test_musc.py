@@ -163,6 +163,25 @@ def test_divide_num_subset_of_one_image_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
+    ("dtype", "max_diff", "mean_diff"),
+    [("bfloat16", 3e-2, 5e-3), ("float16", 5e-3, 5e-4)],  # measured 0.016/0.0033, 0.0023/0.0001
+)
+def test_half_precision_msm_close_to_float32(
+    pixel_musc: MuSc, dtype: str, max_diff: float, mean_diff: float
+) -> None:
+    """Raw 4x4 pixel patches of smooth stripes: many near-tied neighbours, a hard case."""
+    images = _textures(8, seed=7)
+    images[5][40:48, 8:16] = [20, 200, 20]
+    ref = pixel_musc.predict(images)
+    fast = MuSc(backbone=PixelPatches(), image_size=64, chunk_size=3, msm_dtype=dtype)
+    pred = fast.predict(images)
+    diff = (pred.anomaly_map - ref.anomaly_map).abs()
+    assert diff.max() < max_diff and diff.mean() < mean_diff
+    assert pred.image_score.argmax().item() == 5 == ref.image_score.argmax().item()
+    assert fast.config()["msm_dtype"] == dtype
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"r": (2,)}, "odd"),
@@ -173,6 +192,7 @@ def test_divide_num_subset_of_one_image_is_rejected() -> None:
         ({"layers": (1,)}, "layers"),
         ({"topmin": (0.5, 0.2)}, "topmin"),
         ({"divide_num": 0}, "divide_num"),
+        ({"msm_dtype": "float64"}, "msm_dtype"),
     ],
 )
 def test_invalid_options(kwargs: dict[str, Any], match: str) -> None:

@@ -232,3 +232,35 @@ def test_divide_subsets_official_rule() -> None:
     assert [len(s) for s in divide_subsets(["a", "a"], 4)] == [1, 1, 0, 0]  # first subsets only
     with pytest.raises(ValueError, match="divide_num"):
         divide_subsets(groups, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_nn_distances_close_to_cdist(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(3, 20, 32, generator=gen), dim=-1)
+    r = F.normalize(torch.randn(4, 25, 32, generator=gen), dim=-1)
+    ref = nn_distances(q, r)
+    got = nn_distances(q, r, compute_dtype=dtype)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (got - ref).abs().max() < 5e-3
+    # the same image as reference: distance ~0 (no NaN from 2 - 2 * dot < 0)
+    self_d = nn_distances(q, q, compute_dtype=dtype)
+    assert torch.isfinite(self_d).all() and self_d[0, :, 0].max() < 0.05
+
+
+def test_half_precision_msm_close_and_needs_unit_vectors() -> None:
+    gen = torch.Generator().manual_seed(1)
+    z = F.normalize(torch.randn(7, 30, 16, generator=gen), dim=-1)
+    ref = mutual_scores(z)
+    got = mutual_scores(z.bfloat16(), query_chunk=3, ref_chunk=2, compute_dtype=torch.bfloat16)
+    assert (got - ref).abs().max() < 5e-3
+    with pytest.raises(ValueError, match="unit-norm"):
+        mutual_scores(z * 1.5, compute_dtype=torch.bfloat16)
+    mutual_scores(z * 1.5)  # float32 cdist takes any features
+
+
+def test_msm_reports_progress_per_query_block() -> None:
+    z = F.normalize(torch.randn(7, 5, 4, generator=torch.Generator().manual_seed(2)), dim=-1)
+    seen: list[int] = []
+    mutual_scores(z, query_chunk=3, ref_chunk=2, on_block=seen.append)
+    assert seen == [3, 3, 1]

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "MIN_IMAGES_FOR_DEFAULT_INTERVAL",
+    "UNIT_NORM_TOLERANCE",
     "divide_subsets",
     "fuse_scores",
     "interval_bounds",
@@ -129,22 +130,48 @@ def interval_bounds(
     return lo, hi
 
 
-def nn_distances(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+#: Largest deviation of a feature's norm from 1 accepted by the half-precision MSM path
+#: (bfloat16 storage of unit vectors alone moves norms by ~2e-3).
+UNIT_NORM_TOLERANCE = 1e-2
+
+
+def nn_distances(
+    queries: torch.Tensor, references: torch.Tensor, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Euclidean distance of every query patch to its nearest patch in each reference image.
 
-    Uses ``torch.cdist`` (matrix-product formula in float32, as the official code).
+    ``compute_dtype`` None or float32: ``torch.cdist`` (matrix-product formula in float32, as
+    the official code). float16 / bfloat16: the features must be unit vectors (LNAMD output);
+    the nearest neighbour is searched as the largest dot product computed in that dtype
+    (tensor cores on GPU, AVX512-BF16 on CPU) and its distance is recomputed in float32. Not
+    bit-faithful: where two candidates are closer than the half-precision rounding, a
+    slightly farther one may be taken.
 
     Args:
         queries: (Q, L, C) patch features of Q query images.
         references: (R, M, C) patch features of R reference images.
+        compute_dtype: dtype of the distance products (see above).
 
     Returns:
-        (Q, L, R): ``out[i, p, j] = min_q || queries[i, p] - references[j, q] ||``.
+        (Q, L, R) float32: ``out[i, p, j] = min_q || queries[i, p] - references[j, q] ||``.
     """
     q, n, c = queries.shape
     r, m, _ = references.shape
-    d = torch.cdist(queries.reshape(q * n, c), references.reshape(r * m, c))
-    return d.view(q * n, r, m).amin(dim=2).view(q, n, r)
+    if compute_dtype is None or compute_dtype == torch.float32:
+        d = torch.cdist(queries.reshape(q * n, c).float(), references.reshape(r * m, c).float())
+        return d.view(q * n, r, m).amin(dim=2).view(q, n, r)
+    # search in half precision, measure in float32: the nearest neighbour is the largest dot
+    # product (unit vectors), found with half-precision products; its distance is then
+    # recomputed exactly. (sqrt(2 - 2 * dot) from a half-precision dot would be off by up to
+    # ~0.1 for near-duplicate patches, where MSM's small distances matter most.)
+    a = queries.reshape(q * n, c)
+    nearest = a.to(compute_dtype) @ references.reshape(r * m, c).to(compute_dtype).T
+    nearest = nearest.view(q * n, r, m).argmax(dim=2)  # (Q * L, R)
+    a32 = a.float()
+    out = torch.empty(q * n, r, dtype=torch.float32, device=queries.device)
+    for j in range(r):
+        out[:, j] = (a32 - references[j].float()[nearest[:, j]]).norm(dim=-1)
+    return out.view(q, n, r)
 
 
 def mutual_scores(
@@ -153,6 +180,8 @@ def mutual_scores(
     topmin_max: float = 0.3,
     query_chunk: int | None = None,
     ref_chunk: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    on_block: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """MuSc Mutual Scoring Mechanism (MSM) for one (layer, r) feature set.
 
@@ -166,11 +195,15 @@ def mutual_scores(
     unchunked result up to matrix-product rounding, ~1e-7).
 
     Args:
-        features: (N, L, C) features, N >= 2 (unit vectors from :func:`lnamd`).
+        features: (N, L, C) features, N >= 2 (unit vectors from :func:`lnamd`), any float
+            dtype (blocks are cast to the compute dtype).
         topmin_min: lower bound of the averaged interval (fraction of N - 1 or count).
         topmin_max: upper bound of the averaged interval (fraction of N - 1 or count).
         query_chunk: query images per block (None: all N).
         ref_chunk: reference images per block (None: all N).
+        compute_dtype: distance products in float32 (None, official) or float16 / bfloat16
+            (unit vectors required, checked; see :func:`nn_distances`).
+        on_block: called with the number of query images after each query block (progress).
 
     Returns:
         (N, L) float32 patch scores (on the device of ``features``).
@@ -183,17 +216,27 @@ def mutual_scores(
     rc = n if ref_chunk is None else int(ref_chunk)
     if qc < 1 or rc < 1:
         raise ValueError(f"chunk sizes must be >= 1, got query_chunk={qc}, ref_chunk={rc}")
+    half = compute_dtype is not None and compute_dtype != torch.float32
     out = torch.empty(n, length, dtype=torch.float32, device=features.device)
     for q0 in range(0, n, qc):
         q1 = min(q0 + qc, n)
+        if half:  # every image is a query once: this checks all of them, O(N L C) in total
+            dev = (features[q0:q1].float().norm(dim=-1) - 1).abs().max().item()
+            if dev > UNIT_NORM_TOLERANCE:
+                raise ValueError(
+                    f"half-precision MSM needs unit-norm features (LNAMD output); a norm is off "
+                    f"by {dev:.3g}"
+                )
         dist = torch.empty(q1 - q0, length, n, dtype=torch.float32, device=features.device)
         for r0 in range(0, n, rc):
             r1 = min(r0 + rc, n)
-            dist[:, :, r0:r1] = nn_distances(features[q0:q1], features[r0:r1]).float()
+            dist[:, :, r0:r1] = nn_distances(features[q0:q1], features[r0:r1], compute_dtype)
         own = torch.arange(q0, q1, device=features.device)
         dist[torch.arange(q1 - q0, device=features.device), :, own] = float("inf")
         smallest = torch.topk(dist, hi, dim=2, largest=False, sorted=True).values
         out[q0:q1] = smallest[:, :, lo:hi].mean(dim=2)
+        if on_block is not None:
+            on_block(q1 - q0)
     return out
 
 
