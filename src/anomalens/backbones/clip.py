@@ -733,20 +733,25 @@ class ClipBackbone(nn.Module):
 
     # ---------------------------------------------------------------- images
 
-    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
+    def preprocess(
+        self, images: Sequence[ImageLike], device: str | torch.device | None = None
+    ) -> torch.Tensor:
         """Squash-resize to S x S with PIL (bicubic by default) and normalise, as the references.
 
         Args:
             images: arrays (H, W, 3 | H, W uint8), PIL images or paths; greyscale is replicated.
+            device: where to normalise (the batch travels as uint8); None = the CPU.
 
         Returns:
-            (B, 3, S, S) float32 tensor on the CPU: ``(x / 255 - mean) / std``.
+            (B, 3, S, S) float32 tensor: ``(x / 255 - mean) / std`` (same values on any device).
         """
-        return to_batch(images, self.image_size, self.mean, self.std, self.interpolation)
+        return to_batch(
+            images, self.image_size, self.mean, self.std, self.interpolation, device=device
+        )
 
     def _as_input(self, x: torch.Tensor | Sequence[ImageLike]) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            x = self.preprocess(x)
+            x = self.preprocess(x, device=self.device)
         s = self.image_size
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (s, s):
             raise ValueError(

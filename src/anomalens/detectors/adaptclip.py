@@ -219,7 +219,11 @@ class AdaptCLIP(Detector):
             ``ClipImageFeatures`` with float32 ``patch_tokens`` per tapped layer (B, 1+N, D) and
             ``global_embedding`` (B, D).
         """
-        x = images if isinstance(images, torch.Tensor) else self.backbone.preprocess(images)
+        x = (
+            images
+            if isinstance(images, torch.Tensor)
+            else self.backbone.preprocess(images, device=self.device)
+        )
         with torch.no_grad():
             feats = self.backbone.encode_image(
                 x.to(self.device),

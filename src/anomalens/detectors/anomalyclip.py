@@ -214,7 +214,11 @@ class AnomalyCLIP(Detector):
             ``ClipImageFeatures``: ``patch_tokens`` per tapped layer (B, 1+N, D), V-V stream,
             and ``global_embedding`` (B, D).
         """
-        x = images if isinstance(images, torch.Tensor) else self.backbone.preprocess(images)
+        x = (
+            images
+            if isinstance(images, torch.Tensor)
+            else self.backbone.preprocess(images, device=self.device)
+        )
         with torch.no_grad():
             return self.backbone.encode_image(
                 x.to(self.device),

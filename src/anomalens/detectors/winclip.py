@@ -198,7 +198,11 @@ class WinCLIP(Detector):
         Returns:
             :class:`WinclipFeatures` (float32, on the backbone device).
         """
-        x = images if isinstance(images, torch.Tensor) else self.backbone.preprocess(images)
+        x = (
+            images
+            if isinstance(images, torch.Tensor)
+            else self.backbone.preprocess(images, device=self.device)
+        )
         last = self.backbone.num_layers
         glob: list[torch.Tensor] = []
         patches: list[torch.Tensor] = []
