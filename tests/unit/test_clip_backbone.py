@@ -486,3 +486,32 @@ def test_check_taps_validates_layers_and_vv_start() -> None:
         check_taps(12, (6, 13), 4)
     with pytest.raises(ValueError, match="vv_start"):
         check_taps(12, (12,), 0)
+
+
+def test_build_clip_backbone_refuses_a_precision_a_ready_backbone_does_not_have(
+    bb: ClipBackbone,
+) -> None:
+    from anomalens.backbones.clip import build_clip_backbone
+
+    assert bb.precision == "fp32"
+    same, _ = build_clip_backbone(bb)  # None keeps the backbone's own
+    assert same is bb and build_clip_backbone(bb, precision="fp32")[0] is bb
+    with pytest.raises(ValueError, match="precision='bf16' differs"):
+        build_clip_backbone(bb, precision="bf16")
+
+
+def test_preprocess_on_a_device_equals_the_cpu_result(bb: ClipBackbone) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ims = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), rng.integers(0, 256, (40, 90, 3))]
+    ims[1] = ims[1].astype(np.uint8)
+    ref = bb.preprocess(ims)
+    assert ref.device.type == "cpu" and ref.is_contiguous()
+    manual = torch.from_numpy(ims[0]).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(bb.mean).view(3, 1, 1)
+    std = torch.tensor(bb.std).view(3, 1, 1)
+    assert torch.equal(ref[0], (manual - mean) / std)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        assert torch.equal(bb.preprocess(ims, device=dev).cpu(), ref)

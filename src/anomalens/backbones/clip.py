@@ -1116,22 +1116,35 @@ def build_clip_backbone(
     *,
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
-    precision: Precision = "fp32",
+    precision: Precision | None = None,
 ) -> tuple[ClipBackbone, str]:
     """A detector's backbone from a preset name or a ready ``ClipBackbone``.
 
     Args:
         backbone: preset name (``clip_presets``) or an already built backbone (moved to ``device``).
         pretrained: weights overriding the preset's (None keeps the preset's).
+        device: where the backbone runs.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``; None = fp32 for a preset name and the
+            backbone's own for a ready one. A ready backbone is not converted: a precision
+            different from its own is an error rather than silently ignored.
 
     Returns:
         (backbone, name to record in results).
+
+    Raises:
+        ValueError: ``precision`` differs from a ready backbone's.
     """
     if isinstance(backbone, ClipBackbone):
+        if precision is not None and precision != backbone.precision:
+            raise ValueError(
+                f"precision={precision!r} differs from the given ClipBackbone's "
+                f"{backbone.precision!r}; build the backbone with precision={precision!r} "
+                "(ClipBackbone.create / from_preset) or leave precision unset"
+            )
         return backbone.to(device), backbone.model_name or type(backbone).__name__
     if not isinstance(backbone, str):
         raise TypeError(f"backbone must be a preset name or a ClipBackbone, got {type(backbone)}")
-    overrides: dict[str, Any] = {"device": str(device), "precision": precision}
+    overrides: dict[str, Any] = {"device": str(device), "precision": precision or "fp32"}
     if pretrained is not None:
         overrides["pretrained"] = pretrained
     return ClipBackbone.from_preset(backbone, **overrides), backbone

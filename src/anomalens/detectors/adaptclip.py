@@ -81,8 +81,9 @@ class AdaptCLIP(Detector):
             (remapped by ``checkpoint_filter_fn``). None = untrained adapters (warns).
         pretrained: override of the preset's CLIP weights (local file, tag or ``hf-hub:`` id).
         device: torch device.
-        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``) when building it
-            from a preset name; a given ``ClipBackbone`` keeps its own. Adapters run fp32.
+        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``); None = fp32 when
+            building from a preset name, the backbone's own for a given ``ClipBackbone`` (a
+            different explicit value is an error, not ignored). Adapters run fp32.
         batch_size: images per forward pass.
         layers: tapped blocks (1-indexed); default official for 24/12-block models.
         vv_start: first block of the V-V attention path; default official.
@@ -109,7 +110,7 @@ class AdaptCLIP(Detector):
         *,
         pretrained: str | None = None,
         device: str | torch.device = "cpu",
-        precision: str = "fp32",
+        precision: str | None = None,
         batch_size: int = 8,
         layers: Sequence[int] | None = None,
         vv_start: int | None = None,

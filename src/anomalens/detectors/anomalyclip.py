@@ -110,8 +110,9 @@ class AnomalyCLIP(Detector):
             (remapped by ``checkpoint_filter_fn``). None = untrained prompts (warns).
         pretrained: override of the preset's CLIP weights (local file, tag or ``hf-hub:`` id).
         device: torch device.
-        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``) when building it
-            from a preset name; a given ``ClipBackbone`` keeps its own.
+        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``); None = fp32 when
+            building from a preset name, the backbone's own for a given ``ClipBackbone`` (a
+            different explicit value is an error, not ignored).
         batch_size: images per forward pass.
         layers: tapped blocks, 1-indexed (default: the last block, as the released results;
             the official test.py default is (6, 12, 18, 24)); per-layer maps are summed.
@@ -136,7 +137,7 @@ class AnomalyCLIP(Detector):
         *,
         pretrained: str | None = None,
         device: str | torch.device = "cpu",
-        precision: str = "fp32",
+        precision: str | None = None,
         batch_size: int = 8,
         layers: Sequence[int] | None = None,
         vv_start: int | None = None,
