@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from open_clip.transformer import (
 from torch import nn
 
 from anomalens.backbones.clip_presets import ClipPreset, get_clip_preset
+from anomalens.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
 from anomalens.backbones.weights import WeightNotAvailableError, is_offline, resolve_weights
 from anomalens.data.io import ImageLike
 from anomalens.data.transforms import CLIP_MEAN, CLIP_STD, to_batch
@@ -268,8 +268,9 @@ def load_state_dict_file(path: str | os.PathLike[str], weights_only: bool = True
         from safetensors.torch import load_file
 
         sd: dict = load_file(str(path), device="cpu")
-    elif _is_torchscript(path):
-        sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    elif is_torchscript_archive(path):
+        # OpenAI's releases: weights read without running TorchScript (see torchscript.py)
+        sd = read_torchscript_state_dict(path)
     else:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=weights_only)
@@ -288,15 +289,6 @@ def load_state_dict_file(path: str | os.PathLike[str], weights_only: bool = True
     for key in OPENAI_JIT_ONLY_KEYS:
         sd.pop(key, None)
     return sd
-
-
-def _is_torchscript(path: Path) -> bool:
-    """True for a zip archive that holds a TorchScript module (``constants.pkl`` / ``code/``)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
 def _cached_tag_file(tag_cfg: Mapping[str, str], cache_dir: str | None) -> Path | None:
