@@ -223,6 +223,23 @@ def test_tiny_clip_backbone() -> None:
     assert det.config()["backbone_layers"] == [2, 4]
     with pytest.raises(ValueError, match="image_size=96 differs"):
         MuSc(backbone=clip, image_size=96, layers=(2, 4))
+    with pytest.raises(ValueError, match="precision='bf16' differs"):
+        MuSc(backbone=clip, image_size=64, layers=(2, 4), precision="bf16")
+
+
+def test_clip_backbone_in_bf16_close_to_fp32() -> None:
+    """MuSc by name in bf16 (the official code uses fp16 autocast on GPU) vs fp32."""
+    kw: dict[str, Any] = dict(backbone="ViT-B-32", pretrained=None, image_size=64, r=(1,))
+    ref = MuSc(**kw).predict(_textures(5))
+    det = MuSc(**kw, precision="bf16")
+    assert det.config()["precision"] == "bf16"
+    pred = det.predict(_textures(5))
+    assert torch.isfinite(pred.anomaly_map).all()
+    assert (pred.anomaly_map - ref.anomaly_map).abs().max() < 0.05 * ref.anomaly_map.max()
+    with pytest.raises(ValueError, match="applies to CLIP backbones"):
+        MuSc(backbone="mobilenet_v2", weights="random", image_size=64, precision="fp16")
+    with pytest.raises(ValueError, match="precision must be"):
+        MuSc(backbone=PixelPatches(), precision="int8")
 
 
 def test_cnn_backbone_with_layers_on_two_grids() -> None:

@@ -313,6 +313,10 @@ class MuSc(Detector):
             features are then also stored in that dtype, halving their memory): about 3x faster
             on this project's CPU (AVX512-BF16) and on GPU tensor cores, distances within about
             1e-3 of float32 (see ``docs/methods/musc.md`` for the measured effect on metrics).
+        precision: CLIP backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``; None = fp32, or a
+            given ``ClipBackbone``'s own). The official code runs the backbone under fp16
+            autocast on GPU; tokens are stored as ``feature_dtype`` and LNAMD runs in float32.
+            CNN backbones and custom extractors run as built (only None / ``"fp32"``).
         progress: progress bar over the mutual scoring (the long part: N images x
             len(r) x layers); None = only when stderr is a terminal.
         device: torch device.
@@ -337,6 +341,7 @@ class MuSc(Detector):
         divide_num: int = 1,
         divide_seed: int = 42,
         msm_dtype: str = "float32",
+        precision: str | None = None,
         progress: bool | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -367,7 +372,11 @@ class MuSc(Detector):
         self.divide_seed = int(divide_seed)
         self.msm_dtype = getattr(torch, msm_dtype)
         self.progress = progress
-        self.extractor = self._build_extractor(backbone, pretrained, weights, layers, quick_gelu)
+        if precision not in (None, "fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        self.extractor = self._build_extractor(
+            backbone, pretrained, weights, layers, quick_gelu, precision
+        )
 
     # ---------------------------------------------------------------------- construction
     def _build_extractor(
@@ -377,7 +386,19 @@ class MuSc(Detector):
         weights: str | None,
         layers: Sequence[int] | Sequence[str] | None,
         quick_gelu: bool | None,
+        precision: str | None,
     ) -> PatchFeatureExtractor:
+        from anomalens.backbones.clip import ClipBackbone
+        from anomalens.backbones.presets import CNN_PRESETS
+
+        is_clip = isinstance(backbone, ClipBackbone) or (
+            isinstance(backbone, str) and backbone not in CNN_PRESETS
+        )
+        if not is_clip and precision not in (None, "fp32"):
+            raise ValueError(
+                f"precision={precision!r} applies to CLIP backbones; a CNN preset or a custom "
+                "feature extractor runs as built"
+            )
         if isinstance(backbone, PatchFeatureExtractor):
             if layers is not None:
                 raise ValueError("layers= is set by the given feature extractor, not by MuSc")
@@ -390,10 +411,14 @@ class MuSc(Detector):
                     f"{ext.backbone.image_size}; pass image_size={ext.backbone.image_size} or "
                     "build the backbone at the wanted size (musc_clip_backbone)"
                 )
+            if precision is not None and precision != ext.backbone.precision:
+                raise ValueError(
+                    f"precision={precision!r} differs from the given ClipBackbone's "
+                    f"{ext.backbone.precision!r}; build it with that precision or leave "
+                    "precision unset"
+                )
             ext.backbone.to(self.device)
             return ext
-        from anomalens.backbones.presets import CNN_PRESETS
-
         if backbone in CNN_PRESETS:
             from anomalens.backbones.cnn import create_cnn_backbone
 
@@ -407,14 +432,14 @@ class MuSc(Detector):
                 f"unknown MuSc backbone {backbone!r}: expected a CLIP model name "
                 f"(e.g. ViT-L-14-336, ViT-B-16) or a CNN preset ({', '.join(sorted(CNN_PRESETS))})"
             )
-        from anomalens.backbones.clip import ClipBackbone
-
         if quick_gelu is None and pretrained == "openai":
             quick_gelu = _native_clip_size(backbone) == self.image_size
         native = ClipBackbone.create(
             backbone, pretrained=pretrained, image_size=None, force_quick_gelu=quick_gelu
         )
-        clip = musc_clip_backbone(native, self.image_size, device=self.device)
+        clip = musc_clip_backbone(
+            native, self.image_size, device=self.device, precision=precision or "fp32"
+        )
         int_layers = [int(v) for v in layers] if layers is not None else None
         return ClipPatchExtractor(clip, int_layers)
 
