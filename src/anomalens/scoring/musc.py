@@ -135,6 +135,10 @@ def interval_bounds(
 UNIT_NORM_TOLERANCE = 1e-2
 
 
+#: Largest number of gathered feature values held at once by the half-precision search.
+_GATHER_ELEMENTS = 1 << 25
+
+
 def nn_distances(
     queries: torch.Tensor, references: torch.Tensor, compute_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -167,10 +171,14 @@ def nn_distances(
     a = queries.reshape(q * n, c)
     nearest = a.to(compute_dtype) @ references.reshape(r * m, c).to(compute_dtype).T
     nearest = nearest.view(q * n, r, m).argmax(dim=2)  # (Q * L, R)
-    a32 = a.float()
+    a32 = a.float()[:, None, :]
+    flat = references.reshape(r * m, c)
+    nearest += torch.arange(r, device=nearest.device) * m  # rows of ``flat``
     out = torch.empty(q * n, r, dtype=torch.float32, device=queries.device)
-    for j in range(r):
-        out[:, j] = (a32 - references[j].float()[nearest[:, j]]).norm(dim=-1)
+    step = max(1, _GATHER_ELEMENTS // max(1, q * n * c))  # reference images per gather
+    for j in range(0, r, step):
+        picked = flat[nearest[:, j : j + step]].float()  # (Q * L, step, C)
+        out[:, j : j + step] = (a32 - picked).norm(dim=-1)
     return out.view(q, n, r)
 
 
