@@ -307,12 +307,13 @@ class MuSc(Detector):
             RsCIN always runs once on the whole batch. 1 = the whole batch at once (default,
             the setting of the published numbers).
         divide_seed: seed of the subset shuffle (the official script: 42).
-        msm_dtype: dtype of MSM's distance products. ``"float32"`` (default) = ``torch.cdist``
-            in float32 as the official code. ``"bfloat16"`` / ``"float16"`` = nearest
-            neighbours by half-precision dot products of the unit LNAMD features (the LNAMD
-            features are then also stored in that dtype, halving their memory): about 3x faster
-            on this project's CPU (AVX512-BF16) and on GPU tensor cores, distances within about
-            1e-3 of float32 (see ``docs/methods/musc.md`` for the measured effect on metrics).
+        msm_dtype: dtype of MSM's neighbour search. ``"float32"`` (default) = ``torch.cdist``
+            in float32 as the official code. ``"bfloat16"`` / ``"float16"`` = each nearest
+            neighbour is searched with half-precision dot products of the unit LNAMD features
+            (stored in that dtype, halving their memory) and its distance recomputed in
+            float32: faster where the channels are many (CLIP: 1024) on GPU tensor cores or a
+            CPU with AVX512-BF16 (use ``float16`` on GPU, ``bfloat16`` on CPU); only the choice
+            of near-tied neighbours can differ (see ``docs/methods/musc.md``).
         precision: CLIP backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``; None = fp32, or a
             given ``ClipBackbone``'s own). The official code runs the backbone under fp16
             autocast on GPU; tokens are stored as ``feature_dtype`` and LNAMD runs in float32.
