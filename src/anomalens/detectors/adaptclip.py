@@ -38,7 +38,7 @@ from anomalens.detectors._adaptclip_modules import (
     fuse_few_shot,
     fuse_zero_shot,
 )
-from anomalens.detectors.base import Detector
+from anomalens.detectors._clip_base import FrozenClipDetector
 from anomalens.prompts.adaptclip import placeholder_prompt, static_sentences
 from anomalens.registry import register_detector
 from anomalens.types import LearningType, Prediction
@@ -71,7 +71,7 @@ def default_vv_start(num_blocks: int) -> int:
 
 
 @register_detector("adaptclip")
-class AdaptCLIP(Detector):
+class AdaptCLIP(FrozenClipDetector):
     """AdaptCLIP: frozen CLIP + visual, textual and prompt-query adapters; zero- and few-shot.
 
     Args:
@@ -126,31 +126,23 @@ class AdaptCLIP(Detector):
         return_extras: bool = False,
     ) -> None:
         super().__init__(device)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if fusion not in ("average_mean", "harmonic_mean"):
             raise ValueError(f"fusion must be 'average_mean' or 'harmonic_mean', got {fusion!r}")
-        from anomalens.backbones.clip import build_clip_backbone, check_taps
-
-        self.backbone, self.backbone_name = build_clip_backbone(
-            backbone, pretrained=pretrained, device=self.device, precision=precision
-        )
-        self.backbone.eval().requires_grad_(False)
-        # a ready ClipBackbone keeps its own dtype: record what actually runs
-        self.precision = str(self.backbone.precision)
-        self.batch_size = batch_size
-        self.image_size = int(self.backbone.image_size)
-        num_blocks = int(self.backbone.num_layers)
-        self.layers, self.vv_start = check_taps(
-            num_blocks,
-            layers or default_layers(num_blocks),
-            vv_start if vv_start is not None else default_vv_start(num_blocks),
+        self._init_clip(
+            backbone,
+            pretrained=pretrained,
+            precision=precision,
+            batch_size=batch_size,
+            layers=layers,
+            vv_start=vv_start,
+            default_layers=default_layers,
+            default_vv_start=default_vv_start,
+            global_ln_post=global_ln_post,
         )
         self.pq_context = pq_context
         self.temperature = float(temperature)
         self.sigma = float(sigma)
         self.fusion: FusionType = fusion
-        self.global_ln_post = global_ln_post
         self.seed = seed
         self.return_extras = return_extras
         self._memory: list[torch.Tensor] | None = None
@@ -213,27 +205,6 @@ class AdaptCLIP(Detector):
         return self._ta_text
 
     # ---------------------------------------------------------------------------- images
-    def encode(self, images: Sequence[ImageLike] | torch.Tensor) -> Any:
-        """Preprocess (unless given a (B, 3, S, S) tensor) and run the frozen image encoder.
-
-        Returns:
-            ``ClipImageFeatures`` with float32 ``patch_tokens`` per tapped layer (B, 1+N, D) and
-            ``global_embedding`` (B, D).
-        """
-        x = (
-            images
-            if isinstance(images, torch.Tensor)
-            else self.backbone.preprocess(images, device=self.device)
-        )
-        with torch.no_grad():
-            feats = self.backbone.encode_image(
-                x.to(self.device),
-                layers=self.layers,
-                vv_start=self.vv_start,
-                global_ln_post=self.global_ln_post,
-            )
-        return feats
-
     def _fit(self, normal_images: list[ImageLike]) -> None:
         if not normal_images:
             self._memory = None

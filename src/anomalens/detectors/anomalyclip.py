@@ -34,7 +34,7 @@ from anomalens.detectors._anomalyclip_modules import (
     anomalyclip_scores,
     placeholder_prompts,
 )
-from anomalens.detectors.base import Detector
+from anomalens.detectors._clip_base import FrozenClipDetector
 from anomalens.registry import register_detector
 from anomalens.types import LearningType, Prediction
 
@@ -101,7 +101,7 @@ def build_prompt_learner(
 
 
 @register_detector("anomalyclip")
-class AnomalyCLIP(Detector):
+class AnomalyCLIP(FrozenClipDetector):
     """AnomalyCLIP: object-agnostic learned prompts on a V-V-refined CLIP; zero-shot.
 
     Args:
@@ -152,27 +152,19 @@ class AnomalyCLIP(Detector):
         return_extras: bool = False,
     ) -> None:
         super().__init__(device)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        from anomalens.backbones.clip import build_clip_backbone, check_taps
-
-        self.backbone, self.backbone_name = build_clip_backbone(
-            backbone, pretrained=pretrained, device=self.device, precision=precision
-        )
-        self.backbone.eval().requires_grad_(False)
-        # a ready ClipBackbone keeps its own dtype: record what actually runs
-        self.precision = str(self.backbone.precision)
-        self.batch_size = batch_size
-        self.image_size = int(self.backbone.image_size)
-        num_blocks = int(self.backbone.num_layers)
-        self.layers, self.vv_start = check_taps(
-            num_blocks,
-            layers or default_layers(num_blocks),
-            vv_start if vv_start is not None else default_vv_start(num_blocks),
+        self._init_clip(
+            backbone,
+            pretrained=pretrained,
+            precision=precision,
+            batch_size=batch_size,
+            layers=layers,
+            vv_start=vv_start,
+            default_layers=default_layers,
+            default_vv_start=default_vv_start,
+            global_ln_post=global_ln_post,
         )
         self.temperature = float(temperature)
         self.sigma = float(sigma)
-        self.global_ln_post = global_ln_post
         self.fp16_deep_prompts = fp16_deep_prompts
         self.seed = seed
         self.return_extras = return_extras
@@ -208,26 +200,6 @@ class AnomalyCLIP(Detector):
         return self._text
 
     # ---------------------------------------------------------------------------- images
-    def encode(self, images: Sequence[ImageLike] | torch.Tensor) -> Any:
-        """Preprocess (unless given a (B, 3, S, S) tensor) and run the frozen image encoder.
-
-        Returns:
-            ``ClipImageFeatures``: ``patch_tokens`` per tapped layer (B, 1+N, D), V-V stream,
-            and ``global_embedding`` (B, D).
-        """
-        x = (
-            images
-            if isinstance(images, torch.Tensor)
-            else self.backbone.preprocess(images, device=self.device)
-        )
-        with torch.no_grad():
-            return self.backbone.encode_image(
-                x.to(self.device),
-                layers=self.layers,
-                vv_start=self.vv_start,
-                global_ln_post=self.global_ln_post,
-            )
-
     def score_features(self, feats: Any) -> dict[str, torch.Tensor]:
         """Scores of encoded images (see ``anomalyclip_scores``)."""
         return anomalyclip_scores(
