@@ -8,6 +8,7 @@ scored. Unreadable images are reported in ``errors.csv`` and skipped; the rest g
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -41,7 +42,14 @@ from anomalens.types import LearningType
 from anomalens.viz.overlay import overlay, resize_map
 from anomalens.viz.report_html import render_report
 
-__all__ = ["PredictSummary", "ThresholdSpec", "load_images_reporting", "run_predict"]
+__all__ = [
+    "PredictSummary",
+    "ThresholdSpec",
+    "load_images_reporting",
+    "run_predict",
+    "run_predict_groups",
+    "split_by_group",
+]
 
 log = logging.getLogger(__name__)
 RESULT_FIELDS = ("path", "score", "decision", "threshold", "overlay", "mask", "seconds")
@@ -367,3 +375,121 @@ def _write_outputs(
             "num_errors": len(errors),
         },
     )
+
+
+# ------------------------------------------------------------------------------ groups
+def split_by_group(root: str | Path, paths: Sequence[Path]) -> dict[str, list[Path]]:
+    """Paths keyed by their first sub-folder under ``root`` (the group), sorted by name.
+
+    Raises:
+        ValueError: a file lies directly in ``root`` (it belongs to no group).
+    """
+    root = Path(root).resolve()
+    groups: dict[str, list[Path]] = {}
+    loose = []
+    for p in paths:
+        rel = Path(p).resolve().relative_to(root)
+        if len(rel.parts) < 2:
+            loose.append(str(p))
+            continue
+        groups.setdefault(rel.parts[0], []).append(Path(p))
+    if loose:
+        raise ValueError(
+            f"grouped run: {len(loose)} image(s) lie directly in {root}, not in a group "
+            f"sub-folder (e.g. {loose[0]}); put each group's images in ROOT/<group>/"
+        )
+    return dict(sorted(groups.items()))
+
+
+def run_predict_groups(
+    make_detector: Callable[[], Detector],
+    image_groups: dict[str, list[Path]],
+    out_dir: str | Path,
+    *,
+    normal_groups: dict[str, list[Path]] | None = None,
+    calibration_groups: dict[str, list[Path]] | None = None,
+    threshold: ThresholdSpec | None = None,
+    title: str = "anomalens report",
+    **kwargs: Any,
+) -> dict[str, PredictSummary]:
+    """One memory and one threshold per group: :func:`run_predict` once per group.
+
+    Each group's images are scored by a detector fitted on that group's normal images only
+    (e.g. one product per sub-folder, no class name needed), with its own threshold, into
+    ``out_dir/<group>/``. ``out_dir`` also gets ``results.csv`` (all groups, with a
+    ``group`` column) and ``index.html`` (a line and a report link per group).
+
+    Args:
+        make_detector: builds a fresh detector with the run's settings.
+        image_groups: group -> images to inspect (see :func:`split_by_group`).
+        normal_groups: group -> normal images; every image group needs one (may be None for
+            zero-shot methods).
+        calibration_groups: group -> calibration images when the threshold policy uses a
+            calibration folder; every image group needs one.
+        threshold: threshold policy, applied per group.
+        **kwargs: passed to :func:`run_predict` (batch_size, save_overlays, resume, ...).
+
+    Raises:
+        ValueError: an image group without normal (or calibration) images; nothing is
+            computed then.
+    """
+    if not image_groups:
+        raise ValueError("grouped run: no image group to inspect")
+    threshold = threshold or ThresholdSpec()
+    for what, given in (("normal", normal_groups), ("calibration", calibration_groups)):
+        if given is None:
+            continue
+        missing = sorted(set(image_groups) - set(given))
+        if missing:
+            raise ValueError(
+                f"grouped run: no {what} images for group(s) {', '.join(missing)} "
+                f"({what} groups: {', '.join(sorted(given)) or 'none'})"
+            )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, PredictSummary] = {}
+    for group, images in image_groups.items():
+        spec = threshold
+        if calibration_groups is not None:
+            spec = dataclasses.replace(threshold, calibration=calibration_groups[group])
+        summaries[group] = run_predict(
+            make_detector,
+            images,
+            out / group,
+            normal_paths=(normal_groups or {}).get(group, []),
+            threshold=spec,
+            title=f"{title} - {group}",
+            **kwargs,
+        )
+    _write_group_outputs(out, summaries, title)
+    return summaries
+
+
+def _write_group_outputs(out: Path, summaries: dict[str, PredictSummary], title: str) -> None:
+    import html
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=("group", *RESULT_FIELDS), extrasaction="ignore")
+    w.writeheader()
+    for group, s in summaries.items():
+        for row in s.rows:
+            row = dict(row, group=group)
+            for key in ("overlay", "mask"):  # relative to out/, like the per-group files
+                row[key] = f"{group}/{row[key]}" if row[key] else ""
+            w.writerow(row)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    lines = [
+        f"<tr><td><a href='{html.escape(g)}/report.html'>{html.escape(g)}</a></td>"
+        f"<td>{s.num_scored}</td><td>{s.num_anomalous}</td><td>{s.num_errors}</td>"
+        f"<td>{s.threshold.value:.6g} ({html.escape(s.threshold.method)})</td></tr>"
+        for g, s in summaries.items()
+    ]
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
+        "td,th{padding:.3em .8em;text-align:left}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>One memory and one threshold per group.</p>"
+        "<table><tr><th>group</th><th>scored</th><th>anomalous</th><th>unreadable</th>"
+        f"<th>threshold</th></tr>{''.join(lines)}</table></body></html>"
+    )
+    atomic_write_text(out / "index.html", page)

@@ -169,9 +169,10 @@ def calibrate_leave_one_out(
                 "or a fixed --threshold"
             )
         for i in range(len(shots)):
-            det = probe if i == 0 else make_detector()
+            # one detector refitted k times: fit() replaces the normal model, and a CLIP
+            # backbone is built once instead of k times
             rest = shots[:i] + shots[i + 1 :]
-            s, m = det.fit(rest).predict([shots[i]]).to_numpy()
+            s, m = probe.fit(rest).predict([shots[i]]).to_numpy()
             scores.append(s)
             maps.append(m)
     return _from_normals(

@@ -267,3 +267,33 @@ def test_train_then_predict_with_the_checkpoint(synthetic_root, tmp_path, capsys
         assert run["settings"]["detector"]["method"] == method
     out = capsys.readouterr().out
     assert "checkpoint:" in out
+
+
+def test_predict_groups_one_memory_per_sub_folder(synthetic_root, tmp_path, capsys):
+    """Two synthetic categories in one command, no class names: --groups."""
+    cats = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[:2]
+    normal, images = tmp_path / "normal", tmp_path / "incoming"
+    for cat in cats:
+        (normal / cat.name).mkdir(parents=True)
+        for p in sorted((cat / "train" / "good").glob("*.png"))[:3]:
+            (normal / cat.name / p.name).write_bytes(p.read_bytes())
+        (images / cat.name).mkdir(parents=True)
+        for p in sorted((cat / "test").rglob("*.png"))[:4]:
+            (images / cat.name / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    argv = ["predict", "--method", "patchcore", "--backbone", "resnet18", "--weights", "random",
+            "--image-size", "64", "--normal", str(normal), "--images", str(images),
+            "--out", str(out), "--groups", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{c.name}: 4 images scored" in printed for c in cats)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted({r["group"] for r in rows}) == [c.name for c in cats] and len(rows) == 8
+    assert (out / "index.html").is_file() and all(
+        (out / c.name / "report.html").is_file() for c in cats
+    )
+    (normal / cats[1].name / "extra").mkdir()
+    for p in (normal / cats[1].name).glob("*.png"):
+        p.unlink()
+    assert main(argv) == 1
+    assert f"no normal images for group(s) {cats[1].name}" in capsys.readouterr().err

@@ -235,3 +235,72 @@ def test_resumed_batch_method_rescores_the_whole_batch(tmp_path):
     assert len(resumed.rows) == 6
     for r in resumed.rows:
         assert r["score"] == pytest.approx(by_path[r["path"]], abs=1e-6)
+
+
+@pytest.fixture
+def grouped(tmp_path: Path) -> tuple[Path, Path]:
+    """Two products: 'dark' (grey ~60) and 'light' (grey ~200); each has a normal and a
+    defective image to inspect. A single memory of both would flag every normal image."""
+    normal, images = tmp_path / "normal", tmp_path / "images"
+    for group, level in (("dark", 60), ("light", 200)):
+        for i, d in enumerate((-2, 0, 2)):
+            _write(normal / group, f"n{i}.png", np.full((32, 32, 3), level + d, np.uint8))
+        _write(images / group, "good.png", np.full((32, 32, 3), level + 1, np.uint8))
+        bad = np.full((32, 32, 3), level, np.uint8)
+        bad[8:16, 8:16] = 255 - level
+        _write(images / group / "line2", "defect.png", bad)
+    return normal, images
+
+
+def test_grouped_run_fits_one_memory_and_threshold_per_group(grouped, tmp_path):
+    from anomalens.pipeline import run_predict_groups, split_by_group
+
+    normal, images = grouped
+    normals = sorted(normal.rglob("*.png"))
+    paths = sorted(images.rglob("*.png"))
+    out = tmp_path / "out"
+    summaries = run_predict_groups(
+        lambda: create_detector("toy"),
+        split_by_group(images, paths),
+        out,
+        normal_groups=split_by_group(normal, normals),
+        progress=False,
+    )
+    assert list(summaries) == ["dark", "light"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    decisions = {(r["group"], Path(r["path"]).name): r["decision"] for r in rows}
+    assert decisions == {
+        ("dark", "good.png"): "normal",
+        ("dark", "defect.png"): "anomalous",
+        ("light", "good.png"): "normal",
+        ("light", "defect.png"): "anomalous",
+    }
+    assert all((out / r["overlay"]).is_file() for r in rows)
+    assert (out / "dark" / "report.html").is_file() and (out / "light" / "run.json").is_file()
+    index = (out / "index.html").read_text()
+    assert "dark/report.html" in index and "light/report.html" in index
+    # one memory of both products: the normal images of each are far from the mean
+    single = run_predict(
+        lambda: create_detector("toy"), paths, tmp_path / "single", normal_paths=normals,
+        threshold=ThresholdSpec(fixed=0.2), progress=False,
+    )  # fmt: skip
+    assert all(r["decision"] == "anomalous" for r in single.rows)
+
+
+def test_grouped_run_refuses_a_group_without_normal_images(grouped, tmp_path):
+    from anomalens.pipeline import run_predict_groups, split_by_group
+
+    normal, images = grouped
+    normals = sorted((normal / "dark").glob("*.png"))
+    with pytest.raises(ValueError, match=r"no normal images for group.*light"):
+        run_predict_groups(
+            lambda: create_detector("toy"),
+            split_by_group(images, sorted(images.rglob("*.png"))),
+            tmp_path / "out",
+            normal_groups=split_by_group(normal, normals),
+            progress=False,
+        )
+    assert not (tmp_path / "out" / "dark").exists()  # refused before computing anything
+    _write(images, "loose.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="not in a group sub-folder"):
+        split_by_group(images, sorted(images.rglob("*.png")))

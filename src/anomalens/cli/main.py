@@ -149,15 +149,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from anomalens.registry import create_detector
 
     kwargs = _method_kwargs(args)
-    normals = _images_of(args.normal, args.recursive) if args.normal else []
-    images = _images_of(args.images, args.recursive)
+    recursive = args.recursive or args.groups
+    normals = _images_of(args.normal, recursive) if args.normal else []
+    images = _images_of(args.images, recursive)
+    calibration = _images_of(args.calibration, recursive) if args.calibration else None
     spec = ThresholdSpec(
         fixed=args.threshold,
         pixel_fixed=args.pixel_threshold,
-        calibration=_images_of(args.calibration, args.recursive) if args.calibration else None,
+        calibration=calibration,
         percentile=args.percentile,
         margin=args.margin,
     )
+    if args.groups:
+        return _predict_groups(args, kwargs, images, normals, calibration, spec)
     summary = run_predict(
         lambda: create_detector(args.method, **kwargs),
         images,
@@ -178,6 +182,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{summary.seconds:.1f} s"
     )
     print(f"results: {summary.out_dir / 'results.csv'}\nreport:  {summary.out_dir / 'report.html'}")
+    return 0
+
+
+def _predict_groups(
+    args: argparse.Namespace,
+    kwargs: dict[str, Any],
+    images: list[Path],
+    normals: list[Path],
+    calibration: list[Path] | None,
+    spec: Any,
+) -> int:
+    """``predict --groups``: one memory and threshold per sub-folder of --images / --normal."""
+    from anomalens.pipeline import run_predict_groups, split_by_group
+    from anomalens.registry import create_detector
+
+    summaries = run_predict_groups(
+        lambda: create_detector(args.method, **kwargs),
+        split_by_group(args.images, images),
+        args.out,
+        normal_groups=split_by_group(args.normal, normals) if args.normal else None,
+        calibration_groups=split_by_group(args.calibration, calibration) if calibration else None,
+        threshold=spec,
+        batch_size=args.batch_size,
+        save_overlays=not args.no_overlays,
+        save_masks=not args.no_masks,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        title=f"anomalens {args.method}: {Path(args.images).name}",
+    )
+    for group, s in summaries.items():
+        print(
+            f"{group}: {s.num_scored} images scored, {s.num_anomalous} anomalous (threshold "
+            f"{s.threshold.value:.6g}, {s.threshold.method}); {s.num_errors} unreadable"
+        )
+    out = Path(args.out)
+    print(f"results: {out / 'results.csv'}\nindex:   {out / 'index.html'}")
     return 0
 
 
@@ -293,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", required=True, help="folder of images to inspect")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--recursive", action="store_true", help="include sub-folders")
+    s.add_argument(
+        "--groups",
+        action="store_true",
+        help="one memory and one threshold per sub-folder: the images of --images/G/ are "
+        "scored against the normal images of --normal/G/ only (e.g. one product per "
+        "sub-folder; no class names needed); writes OUT/G/ per group plus OUT/results.csv "
+        "and OUT/index.html",
+    )
     t = s.add_argument_group("threshold (no labelled defects needed)")
     t.add_argument("--threshold", type=float, help="fixed image-score threshold")
     t.add_argument("--pixel-threshold", type=float, help="fixed pixel threshold for masks")
