@@ -145,7 +145,12 @@ def _images_of(folder: str, recursive: bool) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from anomalens.pipeline import ThresholdSpec, run_predict
+    from anomalens.pipeline import (
+        ThresholdSpec,
+        run_predict,
+        run_predict_groups,
+        split_by_group,
+    )
     from anomalens.registry import create_detector
 
     kwargs = _method_kwargs(args)
@@ -160,64 +165,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
         percentile=args.percentile,
         margin=args.margin,
     )
-    if args.groups:
-        return _predict_groups(args, kwargs, images, normals, calibration, spec)
-    summary = run_predict(
-        lambda: create_detector(args.method, **kwargs),
-        images,
-        args.out,
-        normal_paths=normals,
-        threshold=spec,
-        batch_size=args.batch_size,
-        save_overlays=not args.no_overlays,
-        save_masks=not args.no_masks,
-        resume=not args.no_resume,
-        progress=not args.quiet,
-        title=f"anomalens {args.method}: {Path(args.images).name}",
-    )
-    thr = summary.threshold
-    print(
-        f"{summary.num_scored} images scored, {summary.num_anomalous} anomalous "
-        f"(threshold {thr.value:.6g}, {thr.method}); {summary.num_errors} unreadable; "
-        f"{summary.seconds:.1f} s"
-    )
-    print(f"results: {summary.out_dir / 'results.csv'}\nreport:  {summary.out_dir / 'report.html'}")
-    return 0
+    common: dict[str, Any] = {
+        "threshold": spec,
+        "batch_size": args.batch_size,
+        "save_overlays": not args.no_overlays,
+        "save_masks": not args.no_masks,
+        "resume": not args.no_resume,
+        "progress": not args.quiet,
+        "title": f"anomalens {args.method}: {Path(args.images).name}",
+    }
 
+    def make_detector() -> Any:
+        return create_detector(args.method, **kwargs)
 
-def _predict_groups(
-    args: argparse.Namespace,
-    kwargs: dict[str, Any],
-    images: list[Path],
-    normals: list[Path],
-    calibration: list[Path] | None,
-    spec: Any,
-) -> int:
-    """``predict --groups``: one memory and threshold per sub-folder of --images / --normal."""
-    from anomalens.pipeline import run_predict_groups, split_by_group
-    from anomalens.registry import create_detector
-
-    summaries = run_predict_groups(
-        lambda: create_detector(args.method, **kwargs),
-        split_by_group(args.images, images),
-        args.out,
-        normal_groups=split_by_group(args.normal, normals) if args.normal else None,
-        calibration_groups=split_by_group(args.calibration, calibration) if calibration else None,
-        threshold=spec,
-        batch_size=args.batch_size,
-        save_overlays=not args.no_overlays,
-        save_masks=not args.no_masks,
-        resume=not args.no_resume,
-        progress=not args.quiet,
-        title=f"anomalens {args.method}: {Path(args.images).name}",
-    )
+    if args.groups:  # one memory and threshold per sub-folder of --images / --normal
+        summaries = run_predict_groups(
+            make_detector,
+            split_by_group(args.images, images),
+            args.out,
+            normal_groups=split_by_group(args.normal, normals) if args.normal else None,
+            calibration_groups=split_by_group(args.calibration, calibration)
+            if calibration
+            else None,
+            **common,
+        )
+        index = Path(args.out) / "index.html"
+    else:
+        summaries = {
+            "": run_predict(make_detector, images, args.out, normal_paths=normals, **common)
+        }
+        index = Path(args.out) / "report.html"
     for group, s in summaries.items():
         print(
-            f"{group}: {s.num_scored} images scored, {s.num_anomalous} anomalous (threshold "
-            f"{s.threshold.value:.6g}, {s.threshold.method}); {s.num_errors} unreadable"
+            f"{group + ': ' if group else ''}{s.num_scored} images scored, {s.num_anomalous} "
+            f"anomalous (threshold {s.threshold.value:.6g}, {s.threshold.method}); "
+            f"{s.num_errors} unreadable; {s.seconds:.1f} s"
         )
-    out = Path(args.out)
-    print(f"results: {out / 'results.csv'}\nindex:   {out / 'index.html'}")
+    print(f"results: {Path(args.out) / 'results.csv'}\nreport:  {index}")
     return 0
 
 
