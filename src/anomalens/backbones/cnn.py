@@ -303,3 +303,20 @@ def create_cnn_backbone(
         apply_tf_padding(model)
     preset = preset.with_overrides(tf_padding=use_tf, layers=tuple(layers) if layers else None)
     return CNNFeatureExtractor(model.eval(), preset.layers, preset)
+
+
+def cnn_extractor(
+    backbone: str | CNNFeatureExtractor,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    layers: Sequence[str] | None = None,
+    tf_padding: bool | None = None,
+    device: str | torch.device = "cpu",
+) -> CNNFeatureExtractor:
+    """A detector's CNN extractor: a ready one as given, else ``create_cnn_backbone(...)``,
+    moved to ``device``."""
+    if not isinstance(backbone, CNNFeatureExtractor):
+        backbone = create_cnn_backbone(
+            backbone, weights=weights, layers=layers, tf_padding=tf_padding
+        )
+    return backbone.to(device)

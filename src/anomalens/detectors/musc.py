@@ -421,11 +421,12 @@ class MuSc(Detector):
             ext.backbone.to(self.device)
             return ext
         if backbone in CNN_PRESETS:
-            from anomalens.backbones.cnn import create_cnn_backbone
+            from anomalens.backbones.cnn import cnn_extractor
 
             names = [str(v) for v in layers] if layers is not None else None
-            model = create_cnn_backbone(backbone, weights=weights, layers=names)
-            return CnnPatchExtractor(model.to(self.device))
+            return CnnPatchExtractor(
+                cnn_extractor(backbone, weights=weights, layers=names, device=self.device)
+            )
         import open_clip
 
         if backbone not in open_clip.list_models():

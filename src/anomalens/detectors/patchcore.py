@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from anomalens.backbones.cnn import CNNFeatureExtractor, create_cnn_backbone
+from anomalens.backbones.cnn import CNNFeatureExtractor, cnn_extractor
 from anomalens.data.io import ImageLike
 from anomalens.detectors.base import Detector
 from anomalens.registry import register_detector
@@ -147,13 +147,9 @@ class PatchCore(Detector):
             raise ValueError(f"image_size must be >= 32, got {image_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if isinstance(backbone, CNNFeatureExtractor):
-            self.extractor = backbone
-        else:
-            self.extractor = create_cnn_backbone(
-                backbone, weights=weights, layers=layers, tf_padding=tf_padding
-            )
-        self.extractor.to(self.device)
+        self.extractor = cnn_extractor(
+            backbone, weights=weights, layers=layers, tf_padding=tf_padding, device=self.device
+        )
         self.weights = None if weights is None else os.fspath(weights)
         self.image_size = int(image_size)
         self.reduction = reduction
