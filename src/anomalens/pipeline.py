@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +27,12 @@ from tqdm.auto import tqdm
 
 from anomalens._fileio import (
     _json_default,
-    atomic_save_png,
     atomic_write_json,
     atomic_write_text,
 )
 from anomalens.data.io import ImageReadError, load_image
 from anomalens.detectors.base import Detector
+from anomalens.results import judge_image, write_result_images
 from anomalens.thresholds import (
     Threshold,
     batch_robust_threshold,
@@ -38,13 +40,13 @@ from anomalens.thresholds import (
     calibrate_on_normals,
     fixed_threshold,
 )
-from anomalens.types import LearningType
-from anomalens.viz.overlay import overlay, resize_map
 from anomalens.viz.report_html import render_report
 
 __all__ = [
     "PredictSummary",
     "ThresholdSpec",
+    "display_path",
+    "file_problem",
     "load_images_reporting",
     "run_predict",
     "run_predict_groups",
@@ -88,20 +90,57 @@ class PredictSummary:
 def load_images_reporting(
     paths: Sequence[Path], errors: list[dict[str, str]]
 ) -> list[tuple[Path, np.ndarray]]:
-    """Read images; unreadable ones are appended to ``errors`` (path, error) and skipped."""
+    """Read images; unreadable ones are appended to ``errors`` (path, error) and skipped.
+
+    Entries that are not image files at all (dangling or looping symbolic links, folders or
+    FIFOs named like images, files without read permission) are reported with that reason
+    and never opened (a FIFO would block the run).
+    """
     out = []
     for p in paths:
+        reason = file_problem(p)
+        if reason is not None:
+            log.warning("%s: %s", display_path(p), reason)
+            errors.append({"path": display_path(p), "error": reason})
+            continue
         try:
             out.append((Path(p), load_image(p)))
         except ImageReadError as exc:
             log.warning("%s", exc)
-            errors.append({"path": str(p), "error": exc.reason})
+            errors.append({"path": display_path(p), "error": exc.reason})
+        except OSError as exc:  # e.g. removed or made unreadable between listing and reading
+            reason = f"cannot read the file: {exc.strerror or exc}"
+            log.warning("%s: %s", display_path(p), reason)
+            errors.append({"path": display_path(p), "error": reason})
     return out
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as an image file, or None when it is a readable file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            return "dangling symbolic link (its target does not exist)"
+        return "file not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.EACCES:
+            return "permission denied"
+        return f"cannot read the file: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder, not an image file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (FIFO, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
 
 
 def _settings_key(detector: Detector, threshold: Threshold, images: Sequence[Path]) -> dict:
     """What must be equal for a rerun to resume: the detector, the threshold and the image list."""
-    listing = "\n".join(sorted(str(p) for p in images)).encode()
+    listing = "\n".join(sorted(display_path(p) for p in images)).encode()
     return {
         "detector": detector.config(),
         "threshold": threshold.to_dict(),
@@ -116,6 +155,7 @@ def _set_threshold(
     detector: Detector,
     shots: list[np.ndarray],
     errors: list[dict[str, str]],
+    category: str | None,
 ) -> Threshold | None:
     """The run's threshold, or None when it is derived from the scored batch itself."""
     if spec.fixed is not None:
@@ -134,36 +174,206 @@ def _set_threshold(
                 "no normal image, calibration folder or --threshold was given"
             }
             return thr
-        if detector.learning_type is LearningType.BATCH_ZERO_SHOT:
+        if detector.scores_whole_batch:
             return None  # batch-robust: set from the batch's own scores after scoring
         raise ValueError(
             "no way to set a threshold: give normal images (--normal, leave-one-out), "
             "a --calibration folder of normal images, or a fixed --threshold"
         )
     return calibrate_leave_one_out(
-        make_detector, shots, percentile=spec.percentile or 100.0, margin=spec.margin
+        make_detector,
+        shots,
+        percentile=spec.percentile or 100.0,
+        margin=spec.margin,
+        category=category,
     )
+
+
+#: Longest output file stem, in UTF-8 bytes (file systems allow 255 per name; suffixes follow).
+MAX_NAME_BYTES = 120
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as text that can always be written (CSV, JSON, HTML).
+
+    File names that are not valid UTF-8 reach Python as lone surrogates; their bytes are shown
+    as ``\\xNN`` escapes instead of making the writers fail.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _bounded(name: str) -> str:
+    """``name`` made safe as a file stem: printable, at most ``MAX_NAME_BYTES``, unique by hash."""
+    safe = "".join(c if c.isprintable() and c not in '\\/:*?"<>|' else "_" for c in name)
+    if safe == name and len(name.encode("utf-8")) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    head = safe.encode("utf-8")[: MAX_NAME_BYTES - 11].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
     """Output file names: the path below the images' common folder, ``/`` -> ``_``, no suffix.
 
     A flat folder gives the stems; ``good/000.png`` and ``crack/000.png`` give ``good_000`` and
-    ``crack_000``. Names that still collide (same stem, other suffix) get ``__N``.
+    ``crack_000``. Names that still collide (same stem, other suffix) get ``__N``. Symbolic links
+    are not followed (a link to an image elsewhere is named after the link); names that are
+    too long or not printable are shortened and get a hash suffix, so every name is unique and
+    fits the file system.
     """
     if not paths:
         return []
-    parents = [str(p.parent.resolve()) for p in paths]
-    base = Path(os.path.commonpath(parents))
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    base = Path(os.path.commonpath([str(p.parent) for p in absolute]))
     seen: dict[str, int] = {}
     names = []
-    for p in paths:
-        rel = p.resolve().relative_to(base).with_suffix("")
-        name = "_".join(rel.parts)
+    for p in absolute:
+        rel = p.relative_to(base).with_suffix("")
+        name = _bounded("_".join(rel.parts))
         n = seen.get(name, 0)
         seen[name] = n + 1
         names.append(name if n == 0 else f"{name}__{n}")
     return names
+
+
+def _fit(
+    make_detector: Callable[[], Detector],
+    normal_paths: Sequence[Path],
+    category: str | None,
+    errors: list[dict[str, str]],
+) -> tuple[Detector, list[np.ndarray]]:
+    """Build the detector and fit it on the readable normal images."""
+    detector = make_detector()
+    shots = [im for _, im in load_images_reporting(list(normal_paths), errors)]
+    if normal_paths and not shots:
+        raise ValueError("none of the normal images could be read (see the messages above)")
+    if detector.needs_normal_images() and not shots:
+        raise ValueError(f"{detector.name} needs normal images: pass --normal DIR")
+    detector.fit(shots if detector.uses_normal_images else None, category=category)
+    return detector, shots
+
+
+def _groups_of(paths: Sequence[Path]) -> list[str]:
+    """Group label per image for batch methods' stratified subsets: its parent folder."""
+    return [Path(p).parent.name for p in paths]
+
+
+def _score_whole_batch(
+    detector: Detector, image_paths: Sequence[Path], thr: Threshold | None
+) -> tuple[dict[str, tuple[float, np.ndarray, float]], Threshold]:
+    """Score all images in one call (batch methods); set the batch-robust threshold if needed.
+
+    A result depends on the whole batch, so a resumed run re-scores the whole batch too.
+    Unreadable images are reported later, when the images are read for writing.
+    """
+    loaded = load_images_reporting(image_paths, [])
+    if len(loaded) < max(detector.min_batch, 1):
+        raise ValueError(
+            f"{detector.name} needs a batch of at least {detector.min_batch} readable images, "
+            f"got {len(loaded)}"
+        )
+    tb = time.perf_counter()
+    scores, maps = detector.predict(
+        [im for _, im in loaded], groups=_groups_of([p for p, _ in loaded])
+    ).to_numpy()
+    per = (time.perf_counter() - tb) / len(loaded)
+    if thr is None:
+        thr = batch_robust_threshold(scores, maps)
+    pre = {display_path(p): (float(s), m, per) for (p, _), s, m in zip(loaded, scores, maps)}
+    return pre, thr
+
+
+def _resume(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, dict[str, Any]]:
+    """Rows already written by an earlier run with the same settings (key: path)."""
+    jsonl = out / "results.jsonl"
+    run_json = out / "run.json"
+    done: dict[str, dict[str, Any]] = {}
+    if resume and jsonl.exists() and run_json.exists():
+        prev = json.loads(run_json.read_text())
+        if prev.get("settings") == json.loads(json.dumps(settings, default=_json_default)):
+            for line in jsonl.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line from a killed run: recompute from there
+                done[row["path"]] = row
+            log.info("resuming: %d images already scored", len(done))
+        else:
+            log.warning("%s holds results made with other settings; they are recomputed", out)
+    if done:
+        # rewrite the whole rows only, so a torn line is not glued to the next appended row
+        atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in done.values()))
+    elif jsonl.exists():
+        jsonl.unlink()
+    atomic_write_json(run_json, {"settings": settings, "status": "running"})
+    return done
+
+
+def _score_and_write(
+    detector: Detector,
+    todo: list[tuple[Path, str]],
+    thr: Threshold,
+    out: Path,
+    done: dict[str, dict[str, Any]],
+    errors: list[dict[str, str]],
+    precomputed: dict[str, tuple[float, np.ndarray, float]],
+    *,
+    batch_size: int,
+    save_overlays: bool,
+    save_masks: bool,
+    progress: bool,
+) -> None:
+    """Score ``todo`` in the detector's batches; append a row per image to results.jsonl."""
+    (out / "overlays").mkdir(exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=not progress)
+    with open(out / "results.jsonl", "a", encoding="utf-8") as fj:
+        for sl in detector.batch_slices(len(todo), batch_size):
+            chunk = todo[sl]
+            loaded = load_images_reporting([p for p, _ in chunk], errors)
+            name_of = dict(chunk)
+            if not loaded:
+                bar.update(len(chunk))
+                continue
+            keys = [display_path(p) for p, _ in loaded]
+            if all(k in precomputed for k in keys):
+                scores = [precomputed[k][0] for k in keys]
+                maps = [precomputed[k][1] for k in keys]
+                per_image = precomputed[keys[0]][2]
+            else:
+                tb = time.perf_counter()
+                scores, maps = detector.predict(
+                    [im for _, im in loaded], groups=_groups_of([p for p, _ in loaded])
+                ).to_numpy()
+                per_image = (time.perf_counter() - tb) / len(loaded)
+            for (p, im), key, s, m in zip(loaded, keys, scores, maps):
+                judged = judge_image(im, m, float(s), thr)
+                targets = {}
+                if save_overlays:
+                    targets["overlay"] = f"overlays/{name_of[p]}_overlay.png"
+                if save_masks:
+                    targets["mask"] = f"masks/{name_of[p]}_mask.png"
+                write_result_images(out, targets, im, judged, thr)
+                row = {
+                    "path": key,
+                    "score": judged.score,
+                    "decision": judged.decision,
+                    "threshold": thr.value,
+                    "overlay": targets.get("overlay", ""),
+                    "mask": targets.get("mask", ""),
+                    "seconds": per_image,
+                }
+                done[key] = row
+                fj.write(json.dumps(row) + "\n")
+            fj.flush()
+            os.fsync(fj.fileno())
+            bar.update(len(chunk))
+    bar.close()
 
 
 def run_predict(
@@ -173,6 +383,7 @@ def run_predict(
     *,
     normal_paths: Sequence[Path] = (),
     threshold: ThresholdSpec | None = None,
+    category: str | None = None,
     batch_size: int = 8,
     save_overlays: bool = True,
     save_masks: bool = True,
@@ -192,124 +403,43 @@ def run_predict(
         normal_paths: the k normal images (a user's own k-shot folder); may be empty for
             zero-shot methods.
         threshold: threshold policy (default: leave-one-out on the shots).
+        category: object name given to ``fit`` (used by methods whose prompts name the
+            object, e.g. WinCLIP; see ``Detector.uses_category``).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threshold = threshold or ThresholdSpec()
     errors: list[dict[str, str]] = []
-
-    detector = make_detector()
-    shots = [im for _, im in load_images_reporting(list(normal_paths), errors)]
-    if normal_paths and not shots:
-        raise ValueError("none of the normal images could be read (see the messages above)")
-    if detector.learning_type is LearningType.FEW_SHOT and not shots:
-        raise ValueError(f"{detector.name} needs normal images: pass --normal DIR")
-    detector.fit(shots if detector.learning_type is not LearningType.ZERO_SHOT else None)
-    thr = _set_threshold(threshold, make_detector, detector, shots, errors)
+    detector, shots = _fit(make_detector, normal_paths, category, errors)
+    thr = _set_threshold(
+        threshold or ThresholdSpec(), make_detector, detector, shots, errors, category
+    )
 
     image_paths = [Path(p) for p in image_paths]
     if not image_paths:
         raise ValueError("no image to inspect")
     names = _unique_names(image_paths)
-    precomputed: dict[Path, tuple[float, np.ndarray, float]] = {}
-    if detector.learning_type is LearningType.BATCH_ZERO_SHOT:
-        # batch methods score every image in one call (a result depends on the whole batch,
-        # so a resumed run re-scores the whole batch too); without another threshold policy
-        # the batch sets its own threshold
-        n_err = len(errors)
-        loaded_all = load_images_reporting(image_paths, errors)
-        del errors[n_err:]  # reported once, when the images are read below
-        if len(loaded_all) < 3:
-            raise ValueError(f"{detector.name} needs a batch of at least 3 readable images")
-        tb = time.perf_counter()
-        all_scores, all_maps = detector.predict(
-            [im for _, im in loaded_all], groups=[p.parent.name for p, _ in loaded_all]
-        ).to_numpy()
-        per = (time.perf_counter() - tb) / len(loaded_all)
-        if thr is None:
-            thr = batch_robust_threshold(all_scores, all_maps)
-        precomputed = {
-            p: (float(sc), mp, per) for (p, _), sc, mp in zip(loaded_all, all_scores, all_maps)
-        }
+    precomputed: dict[str, tuple[float, np.ndarray, float]] = {}
+    if detector.scores_whole_batch:
+        precomputed, thr = _score_whole_batch(detector, image_paths, thr)
+    assert thr is not None  # only batch methods leave it to the batch
     settings = _settings_key(detector, thr, image_paths)
-    jsonl = out / "results.jsonl"
-    run_json = out / "run.json"
-    done: dict[str, dict[str, Any]] = {}
-    if resume and jsonl.exists() and run_json.exists():
-        prev = json.loads(run_json.read_text())
-        if prev.get("settings") == json.loads(json.dumps(settings, default=_json_default)):
-            for line in jsonl.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line from a killed run: recompute from there
-                done[row["path"]] = row
-            log.info("resuming: %d images already scored", len(done))
-    if done:
-        # rewrite the whole rows only, so a torn line is not glued to the next appended row
-        atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in done.values()))
-    elif jsonl.exists():
-        jsonl.unlink()
-    atomic_write_json(run_json, {"settings": settings, "status": "running"})
-    (out / "overlays").mkdir(exist_ok=True)
-    (out / "masks").mkdir(exist_ok=True)
-
-    todo = [(p, n) for p, n in zip(image_paths, names) if str(p) not in done]
-    batch_method = detector.learning_type is LearningType.BATCH_ZERO_SHOT
-    step = len(todo) if batch_method else batch_size
-    bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=not progress)
-    with open(jsonl, "a", encoding="utf-8") as fj:
-        for i in range(0, len(todo), max(step, 1)):
-            chunk = todo[i : i + step]
-            loaded = load_images_reporting([p for p, _ in chunk], errors)
-            name_of = dict(chunk)
-            if not loaded:
-                bar.update(len(chunk))
-                continue
-            if all(p in precomputed for p, _ in loaded):
-                scores = [precomputed[p][0] for p, _ in loaded]
-                maps = [precomputed[p][1] for p, _ in loaded]
-                per_image = precomputed[loaded[0][0]][2]
-            else:
-                tb = time.perf_counter()
-                scores, maps = detector.predict(
-                    [im for _, im in loaded], groups=[p.parent.name for p, _ in loaded]
-                ).to_numpy()
-                per_image = (time.perf_counter() - tb) / len(loaded)
-            for (p, im), s, m in zip(loaded, scores, maps):
-                name = name_of[p]
-                h, w = im.shape[:2]
-                full = resize_map(m, h, w)
-                pix_thr = thr.pixel_value if thr.pixel_value is not None else thr.value
-                pred_mask = full > pix_thr
-                row = {
-                    "path": str(p),
-                    "score": float(s),
-                    "decision": thr.decide(float(s)),
-                    "threshold": thr.value,
-                    "overlay": "",
-                    "mask": "",
-                    "seconds": per_image,
-                }
-                if save_overlays:
-                    rel = f"overlays/{name}_overlay.png"
-                    atomic_save_png(
-                        out / rel, overlay(im, full, vis_range=thr.vis_range, mask=pred_mask)
-                    )
-                    row["overlay"] = rel
-                if save_masks:
-                    rel = f"masks/{name}_mask.png"
-                    atomic_save_png(out / rel, pred_mask)
-                    row["mask"] = rel
-                done[str(p)] = row
-                fj.write(json.dumps(row) + "\n")
-            fj.flush()
-            os.fsync(fj.fileno())
-            bar.update(len(chunk))
-    bar.close()
-
-    rows = [done[str(p)] for p in image_paths if str(p) in done]
+    done = _resume(out, settings, resume)
+    todo = [(p, n) for p, n in zip(image_paths, names) if display_path(p) not in done]
+    _score_and_write(
+        detector,
+        todo,
+        thr,
+        out,
+        done,
+        errors,
+        precomputed,
+        batch_size=batch_size,
+        save_overlays=save_overlays,
+        save_masks=save_masks,
+        progress=progress,
+    )
+    rows = [done[display_path(p)] for p in image_paths if display_path(p) in done]
     _write_outputs(out, rows, errors, thr, detector, settings, title, names, image_paths)
     n_anom = sum(r["decision"] == "anomalous" for r in rows)
     return PredictSummary(out, len(rows), n_anom, len(errors), thr, time.perf_counter() - t0, rows)
@@ -344,7 +474,7 @@ def _write_outputs(
     w.writeheader()
     w.writerows(errors)
     atomic_write_text(out / "errors.csv", buf.getvalue())
-    name_of = {str(p): n for p, n in zip(image_paths, names)}
+    name_of = {display_path(p): n for p, n in zip(image_paths, names)}
     cards = [
         {
             **r,
@@ -358,7 +488,7 @@ def _write_outputs(
         "method": detector.name,
         "normal images (k)": detector.num_shots,
         "threshold": f"{thr.value:.6g} ({thr.method})",
-        "pixel threshold": f"{thr.pixel_value:.6g}" if thr.pixel_value is not None else "-",
+        "pixel threshold": f"{thr.pixel_threshold:.6g}",
         "threshold details": json.dumps(thr.details),
         "settings": json.dumps(detector.config()),
     }
@@ -384,13 +514,13 @@ def split_by_group(root: str | Path, paths: Sequence[Path]) -> dict[str, list[Pa
     Raises:
         ValueError: a file lies directly in ``root`` (it belongs to no group).
     """
-    root = Path(root).resolve()
+    root = Path(os.path.abspath(root))
     groups: dict[str, list[Path]] = {}
     loose = []
     for p in paths:
-        rel = Path(p).resolve().relative_to(root)
+        rel = Path(os.path.abspath(p)).relative_to(root)
         if len(rel.parts) < 2:
-            loose.append(str(p))
+            loose.append(display_path(p))
             continue
         groups.setdefault(rel.parts[0], []).append(Path(p))
     if loose:
@@ -410,6 +540,7 @@ def run_predict_groups(
     calibration_groups: dict[str, list[Path]] | None = None,
     threshold: ThresholdSpec | None = None,
     title: str = "anomalens report",
+    class_names: bool = False,
     **kwargs: Any,
 ) -> dict[str, PredictSummary]:
     """One memory and one threshold per group: :func:`run_predict` once per group.
@@ -427,6 +558,9 @@ def run_predict_groups(
         calibration_groups: group -> calibration images when the threshold policy uses a
             calibration folder; every image group needs one.
         threshold: threshold policy, applied per group.
+        class_names: give each group's folder name to ``fit`` as the object name (for methods
+            whose prompts name the object, e.g. WinCLIP); off by default, since folder names
+            are often not object words.
         **kwargs: passed to :func:`run_predict` (batch_size, save_overlays, resume, ...).
 
     Raises:
@@ -459,7 +593,7 @@ def run_predict_groups(
             normal_paths=(normal_groups or {}).get(group, []),
             threshold=spec,
             title=f"{title} - {group}",
-            **kwargs,
+            **({**kwargs, "category": group} if class_names else kwargs),
         )
     _write_group_outputs(out, summaries, title)
     return summaries

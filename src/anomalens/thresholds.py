@@ -17,6 +17,7 @@ normal images' anomaly maps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,13 +26,13 @@ import numpy as np
 
 from anomalens.data.io import ImageLike
 from anomalens.detectors.base import Detector
-from anomalens.types import LearningType
 
 __all__ = [
     "Threshold",
     "batch_robust_threshold",
     "calibrate_leave_one_out",
     "calibrate_on_normals",
+    "check_finite_threshold",
     "fixed_threshold",
 ]
 
@@ -59,12 +60,37 @@ class Threshold:
         d["vis_range"] = list(self.vis_range) if self.vis_range is not None else None
         return d
 
+    @property
+    def pixel_threshold(self) -> float:
+        """The anomaly-map value above which a pixel is in the predicted mask."""
+        return self.value if self.pixel_value is None else self.pixel_value
+
     def decide(self, score: float) -> str:
         return "anomalous" if score > self.value else "normal"
 
 
+def check_finite_threshold(value: float, what: str = "threshold") -> float:
+    """``value`` as a float; NaN or an infinite value is refused.
+
+    Raises:
+        ValueError: a non-finite value (NaN would make every comparison false, inf would judge
+            every image normal).
+    """
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return v
+
+
 def fixed_threshold(value: float, pixel_value: float | None = None) -> Threshold:
-    """A threshold given by the user (pixel threshold defaults to the same value)."""
+    """A threshold given by the user (pixel threshold defaults to the same value).
+
+    Raises:
+        ValueError: a non-finite value.
+    """
+    value = check_finite_threshold(value)
+    if pixel_value is not None:
+        pixel_value = check_finite_threshold(pixel_value, "pixel threshold")
     return Threshold(
         value=float(value),
         pixel_value=float(pixel_value if pixel_value is not None else value),
@@ -114,14 +140,10 @@ def calibrate_on_normals(
     images = list(normal_images)
     if not images:
         raise ValueError("the calibration folder of normal images is empty")
-    scores, maps = [], []
-    for i in range(0, len(images), batch_size):
-        s, m = detector.predict(images[i : i + batch_size]).to_numpy()
-        scores.append(s)
-        maps.append(m)
+    scores, maps = detector.predict_batches(images, batch_size).to_numpy()
     return _from_normals(
-        np.concatenate(scores),
-        np.concatenate(maps),
+        scores,
+        maps,
         "normal-folder",
         percentile,
         margin,
@@ -137,29 +159,29 @@ def calibrate_leave_one_out(
     percentile: float = 100.0,
     margin: float = 1.0,
     pixel_percentile: float = 99.9,
+    category: str | None = None,
 ) -> Threshold:
     """Threshold from the k shots alone (no extra images, no labelled defect).
 
-    Few-shot detectors: k fits on k-1 shots, each scoring the held-out shot (needs k >= 2).
-    Zero-shot detectors, and zero-or-few-shot detectors given a single shot: the shots are
-    scored zero-shot.
+    Detectors that use normal images: k fits on k-1 shots, each scoring the held-out shot
+    (needs k >= 2). Detectors that ignore normal images, and zero-shot-capable detectors given
+    a single shot: the shots are scored without a fit on them (nothing to leave out).
 
     Args:
         make_detector: builds a fresh, unfitted detector with the run's settings.
         shots: the k normal images.
+        category: the object name passed to every ``fit`` (see ``Detector.fit``).
     """
     shots = list(shots)
     probe = make_detector()
     scores, maps = [], []
-    zero_shot_capable = probe.learning_type is LearningType.ZERO_OR_FEW_SHOT and len(shots) == 1
-    if zero_shot_capable or probe.learning_type in (
-        LearningType.ZERO_SHOT,
-        LearningType.BATCH_ZERO_SHOT,
-    ):
-        # nothing to leave out: a single shot of a zero-or-few-shot method is scored zero-shot
-        if probe.learning_type is LearningType.BATCH_ZERO_SHOT and len(shots) < 2:
-            raise ValueError("leave-one-out calibration of a batch method needs >= 2 normal images")
-        s, m = probe.fit(None).predict(shots).to_numpy()
+    if not probe.uses_normal_images or (len(shots) == 1 and probe.can_score_alone()):
+        if len(shots) < probe.min_batch:
+            raise ValueError(
+                f"leave-one-out calibration of {probe.name} needs >= {probe.min_batch} normal "
+                f"images (it scores them as one batch), got {len(shots)}"
+            )
+        s, m = probe.fit(None, category=category).predict_batches(shots).to_numpy()
         scores, maps = [s], [m]
     else:
         if len(shots) < 2:
@@ -172,7 +194,7 @@ def calibrate_leave_one_out(
             # one detector refitted k times: fit() replaces the normal model, and a CLIP
             # backbone is built once instead of k times
             rest = shots[:i] + shots[i + 1 :]
-            s, m = probe.fit(rest).predict([shots[i]]).to_numpy()
+            s, m = probe.fit(rest, category=category).predict([shots[i]]).to_numpy()
             scores.append(s)
             maps.append(m)
     return _from_normals(

@@ -77,7 +77,7 @@ def test_finds_synthetic_defect(pixel_musc: MuSc) -> None:
 
 
 def test_single_image_is_rejected(pixel_musc: MuSc) -> None:
-    with pytest.raises(ValueError, match="batch of unlabeled images"):
+    with pytest.raises(ValueError, match="needs at least 2 images"):
         pixel_musc.predict(_textures(1))
 
 

@@ -29,7 +29,7 @@ from anomalens.data.transforms import resize_mask
 from anomalens.detectors.base import Detector
 from anomalens.metrics import PixelMetricAccumulator, image_metrics
 from anomalens.registry import create_detector
-from anomalens.types import LearningType, Sample
+from anomalens.types import Sample
 
 __all__ = ["BenchmarkConfig", "evaluate_category", "run_benchmark"]
 
@@ -98,10 +98,9 @@ def evaluate_category(
     labels: list[int] = []
     errors: list[dict[str, str]] = []
     predict_seconds = 0.0
-    step = len(test) if detector.learning_type is LearningType.BATCH_ZERO_SHOT else batch_size
     bar = tqdm(total=len(test), desc=desc, unit="img", disable=not progress, leave=False)
-    for i in range(0, len(test), step):
-        chunk = test[i : i + step]
+    for sl in detector.batch_slices(len(test), batch_size):
+        chunk = test[sl]
         imgs, masks, labs, groups = [], [], [], []
         for s in chunk:
             try:
@@ -142,14 +141,14 @@ def _job_path(out: Path, category: str, k: int, seed: int | None) -> Path:
     return out / "jobs" / category / f"{tag}.json"
 
 
-def _jobs(cfg: BenchmarkConfig, categories: list[str], lt: LearningType) -> list[tuple]:
+def _jobs(cfg: BenchmarkConfig, categories: list[str], detector: Detector) -> list[tuple]:
     jobs = []
     for cat in categories:
         for k in cfg.shots:
-            if k == 0 and lt is LearningType.FEW_SHOT:
+            if k == 0 and detector.needs_normal_images():
                 log.warning("%s is few-shot only: k=0 skipped", cfg.method)
                 continue
-            if k > 0 and lt in (LearningType.ZERO_SHOT, LearningType.BATCH_ZERO_SHOT):
+            if k > 0 and not detector.uses_normal_images:
                 log.warning("%s is zero-shot only: k=%d skipped", cfg.method, k)
                 continue
             for seed in [None] if k == 0 else cfg.seeds:
@@ -205,7 +204,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
     _check_same_settings(out / "config.json", cfg)
     atomic_write_json(out / "config.json", asdict(cfg))
     detector = create_detector(cfg.method, **cfg.method_kwargs)
-    jobs = _jobs(cfg, categories, detector.learning_type)
+    jobs = _jobs(cfg, categories, detector)
     rows: list[dict[str, Any]] = []
     bar = tqdm(jobs, desc=f"benchmark {cfg.method}", unit="job", disable=not progress)
     for cat, k, seed in bar:
@@ -221,7 +220,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
         )
         t0 = time.perf_counter()
         shot_images = [load_image(s.image_path) for s in shots]
-        detector.fit(shot_images if shot_images else None)
+        # the dataset's category names the object for methods whose prompts use it (WinCLIP)
+        detector.fit(shot_images if shot_images else None, category=cat)
         fit_seconds = time.perf_counter() - t0
         metrics = evaluate_category(
             detector,

@@ -174,6 +174,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "progress": not args.quiet,
         "title": f"anomalens {args.method}: {Path(args.images).name}",
     }
+    if args.object_name and args.class_names:
+        raise SystemExit("error: give either --object-name or --class-names, not both")
 
     def make_detector() -> Any:
         return create_detector(args.method, **kwargs)
@@ -187,12 +189,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             calibration_groups=split_by_group(args.calibration, calibration)
             if calibration
             else None,
+            class_names=args.class_names,
+            category=args.object_name,
             **common,
         )
         index = Path(args.out) / "index.html"
     else:
         summaries = {
-            "": run_predict(make_detector, images, args.out, normal_paths=normals, **common)
+            "": run_predict(
+                make_detector,
+                images,
+                args.out,
+                normal_paths=normals,
+                category=args.object_name,
+                **common,
+            )
         }
         index = Path(args.out) / "report.html"
     for group, s in summaries.items():
@@ -324,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
         "scored against the normal images of --normal/G/ only (e.g. one product per "
         "sub-folder; no class names needed); writes OUT/G/ per group plus OUT/results.csv "
         "and OUT/index.html",
+    )
+    s.add_argument(
+        "--object-name",
+        help="object name for methods whose text prompts name the object (WinCLIP), e.g. "
+        "'bottle'; the other methods ignore it (default: the method's generic word)",
+    )
+    s.add_argument(
+        "--class-names",
+        action="store_true",
+        help="with --groups: use each sub-folder's name as its object name (see --object-name)",
     )
     t = s.add_argument_group("threshold (no labelled defects needed)")
     t.add_argument("--threshold", type=float, help="fixed image-score threshold")

@@ -164,7 +164,11 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
 
 
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files of ``folder`` (by extension), sorted. Errors name the folder."""
+    """Entries of ``folder`` named like images (by extension), sorted. Errors name the folder.
+
+    Entries are listed by name only: a dangling link, a folder or a FIFO named ``x.png`` is
+    listed too, so that the caller reports it instead of losing it silently.
+    """
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"folder {folder} does not exist")
@@ -172,8 +176,6 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         raise NotADirectoryError(f"{folder} is not a folder")
     it: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
     files = sorted(
-        p
-        for p in it
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
     return files

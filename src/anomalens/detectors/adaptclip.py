@@ -101,6 +101,7 @@ class AdaptCLIP(FrozenClipDetector):
     """
 
     learning_type = LearningType.ZERO_OR_FEW_SHOT
+    backbone_kind = "clip"
     default_threshold = 0.5  # image scores are anomaly probabilities in [0, 1]
 
     def __init__(

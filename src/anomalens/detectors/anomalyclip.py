@@ -128,6 +128,8 @@ class AnomalyCLIP(FrozenClipDetector):
     """
 
     learning_type = LearningType.ZERO_SHOT
+    uses_normal_images = False
+    backbone_kind = "clip"
     default_threshold = 0.5  # image scores are anomaly probabilities in [0, 1]
 
     def __init__(
@@ -213,13 +215,7 @@ class AnomalyCLIP(FrozenClipDetector):
         )
 
     def _fit(self, normal_images: list[ImageLike]) -> None:
-        if normal_images:
-            warnings.warn(
-                f"AnomalyCLIP is zero-shot: the {len(normal_images)} normal images given to "
-                "fit() are ignored",
-                UserWarning,
-                stacklevel=3,
-            )
+        """Nothing to learn from normal images: AnomalyCLIP is zero-shot."""
 
     def _predict(self, images: list[ImageLike]) -> Prediction:
         scores, maps = [], []

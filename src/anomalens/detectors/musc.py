@@ -324,6 +324,10 @@ class MuSc(Detector):
     """
 
     learning_type = LearningType.BATCH_ZERO_SHOT
+    uses_normal_images = False
+    scores_whole_batch = True
+    min_batch = 2
+    backbone_kind = "clip"  # CNN presets are accepted too
 
     def __init__(
         self,
@@ -447,19 +451,14 @@ class MuSc(Detector):
 
     # --------------------------------------------------------------------------- interface
     def _fit(self, normal_images: list[ImageLike]) -> None:
-        """Nothing to learn: MuSc is zero-shot (normal images, if given, are ignored)."""
-        if normal_images:
-            warnings.warn(
-                "MuSc is zero-shot: the normal images given to fit() are ignored",
-                stacklevel=3,
-            )
+        """Nothing to learn: MuSc is zero-shot (``fit`` drops normal images with a warning)."""
 
     def _predict(self, images: list[ImageLike]) -> Prediction:
         return self._predict_grouped(images, None)
 
     def _predict_grouped(self, images: list[ImageLike], groups: list[str] | None) -> Prediction:
         n = len(images)
-        if n < 2:
+        if n < self.min_batch:
             raise ValueError(
                 "MuSc needs a batch of unlabeled images scored against each other: predict() "
                 f"got {n} image; pass all test images of a category at once (>= "

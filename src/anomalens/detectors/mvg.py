@@ -158,6 +158,7 @@ class GaussianMVG(Detector):
     """
 
     learning_type = LearningType.FEW_SHOT
+    backbone_kind = "cnn"
 
     def __init__(
         self,

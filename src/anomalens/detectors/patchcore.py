@@ -113,6 +113,7 @@ class PatchCore(Detector):
     """
 
     learning_type = LearningType.FEW_SHOT
+    backbone_kind = "cnn"
 
     def __init__(
         self,

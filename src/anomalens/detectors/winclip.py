@@ -69,6 +69,8 @@ class WinCLIP(Detector):
     """
 
     learning_type = LearningType.ZERO_OR_FEW_SHOT
+    uses_category = True
+    backbone_kind = "clip"
     default_threshold = 0.5  # image scores are anomaly probabilities in [0, 1]
 
     def __init__(
@@ -164,6 +166,7 @@ class WinCLIP(Detector):
             k: window_index_sets(grid, k, self.window_stride) for k in self.scales
         }
         self.class_name = ""
+        self.default_class_name = class_name
         self._prototypes: dict[str, torch.Tensor] = {}
         self._memory: dict[str, torch.Tensor] = {}
         self.set_class_name(class_name)
@@ -226,7 +229,12 @@ class WinCLIP(Detector):
 
     # ------------------------------------------------------------------------- detector API
     def _fit(self, normal_images: list[ImageLike]) -> None:
-        """Cache the text prototypes; with reference images, build the WinCLIP+ memories."""
+        """Cache the text prototypes; with reference images, build the WinCLIP+ memories.
+
+        The prompts name ``fit(category=...)`` when given (the benchmark passes the dataset's
+        category, as the paper and anomalib do), else the constructor's ``class_name``.
+        """
+        self.set_class_name(self.category if self.category else self.default_class_name)
         _ = self.text_prototypes
         self._memory = {}
         if not normal_images:

@@ -353,6 +353,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         backbone: str | None = Form(None),
         weights: str | None = Form(None, description="weights name/file known to the server"),
         image_size: int | None = Form(None, ge=32, le=2048),
+        object_name: str | None = Form(
+            None,
+            max_length=64,
+            description="optional object name for methods whose prompts name the object "
+            "(WinCLIP); the others ignore it",
+        ),
         options: str | None = Form(None, description="more detector options as a JSON object"),
         threshold_mode: Literal["leave-one-out", "fixed"] = Form("leave-one-out"),
         threshold: float | None = Form(None, description="the value of a fixed threshold"),
@@ -373,7 +379,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if bad:  # a profile is made from exactly what was sent, or not at all
             raise ServiceError(400, "bad_image", "; ".join(b["message"] for b in bad[:5]))
         policy = ThresholdPolicy(threshold_mode, threshold, percentile, margin)
-        profile, detector = profiles.create(name, method, opts, good, policy)
+        profile, detector = profiles.create(name, method, opts, good, policy, category=object_name)
         engine.cache.put(profile, detector)
         return _profile_out(profile)
 

@@ -23,12 +23,12 @@ import numpy as np
 
 from anomalens._fileio import atomic_save_png
 from anomalens.detectors.base import Detector
+from anomalens.results import judge_image, write_result_images
 from anomalens.service.errors import ServiceError
 from anomalens.service.profiles import Profile, ProfileStore
 from anomalens.service.store import ResultStore
 from anomalens.service.uploads import DecodedImage
-from anomalens.types import LearningType
-from anomalens.viz.overlay import heatmap_rgb, normalize_map, overlay, resize_map
+from anomalens.thresholds import Threshold
 
 __all__ = ["DetectorCache", "InspectionEngine"]
 
@@ -116,8 +116,7 @@ class InspectionEngine:
         try:
             det = profile.make_detector()
             normals = self.profiles.load_normals(profile)
-            lt = LearningType(profile.learning_type)
-            det.fit(normals if normals and lt is not LearningType.ZERO_SHOT else None)
+            det.fit(normals or None, category=profile.category)
         except Exception as exc:
             raise ServiceError(
                 500, "refit_failed", f"profile {profile.name!r} could not be restored: {exc}"
@@ -144,12 +143,9 @@ class InspectionEngine:
         """
         entry = self.cache.get(profile, lambda: self._refit(profile))
         thr = profile.threshold_obj()
-        pix_thr = thr.pixel_value if thr.pixel_value is not None else thr.value
-        batch_method = profile.learning_type == LearningType.BATCH_ZERO_SHOT.value
-        step = len(images) if batch_method else batch_size
         out: list[dict[str, Any]] = []
-        for i in range(0, len(images), max(step, 1)):
-            chunk = list(images[i : i + step])
+        for sl in entry.detector.batch_slices(len(images), batch_size):
+            chunk = list(images[sl])
             t0 = time.perf_counter()
             with entry.lock:
                 try:
@@ -160,7 +156,7 @@ class InspectionEngine:
             records = []
             for im, score, amap in zip(chunk, scores, maps):
                 t1 = time.perf_counter()
-                paths = self._write_files(profile, im, amap, thr.vis_range, pix_thr)
+                paths = self._write_files(profile, im, amap, float(score), thr)
                 records.append(
                     {
                         "profile": profile.name,
@@ -188,8 +184,8 @@ class InspectionEngine:
         profile: Profile,
         im: DecodedImage,
         amap: np.ndarray,
-        vis_range: tuple[float, float] | None,
-        pix_thr: float,
+        score: float,
+        thr: Threshold,
     ) -> dict[str, str]:
         sha = im.sha256
         rel_image = f"images/{sha[:2]}/{sha}.png"
@@ -204,15 +200,7 @@ class InspectionEngine:
             atomic_save_png(self.data_dir / rel_image, im.array)
         if all((self.data_dir / r).exists() for r in rels.values()):
             return rels  # same image, same profile: same outputs
-        h, w = im.array.shape[:2]
-        full = resize_map(amap, h, w)
-        mask = full > pix_thr
-        atomic_save_png(
-            self.data_dir / rels["overlay_path"],
-            overlay(im.array, amap, vis_range=vis_range, mask=mask),
-        )
-        atomic_save_png(
-            self.data_dir / rels["heatmap_path"], heatmap_rgb(normalize_map(full, vis_range))
-        )
-        atomic_save_png(self.data_dir / rels["mask_path"], mask)
+        targets = {kind: rels[f"{kind}_path"] for kind in ("overlay", "heatmap", "mask")}
+        judged = judge_image(im.array, amap, score, thr)
+        write_result_images(self.data_dir, targets, im.array, judged, thr)
         return rels

@@ -33,7 +33,6 @@ from anomalens.registry import get_detector_class
 from anomalens.service.errors import ServiceError
 from anomalens.service.uploads import DecodedImage
 from anomalens.thresholds import Threshold, calibrate_leave_one_out, fixed_threshold
-from anomalens.types import LearningType
 
 __all__ = ["PROFILE_NAME_PATTERN", "Profile", "ProfileStore", "ThresholdPolicy"]
 
@@ -94,6 +93,8 @@ class Profile:
         threshold: ``Threshold.to_dict()``.
         policy: the threshold policy it was made with.
         created_at: ISO time (UTC).
+        category: optional object name given to ``fit`` (methods whose prompts name the
+            object use it, e.g. WinCLIP; the others ignore it).
     """
 
     name: str
@@ -107,6 +108,7 @@ class Profile:
     policy: dict[str, Any]
     created_at: str
     detector_config: dict[str, Any] = field(default_factory=dict)
+    category: str | None = None
 
     def make_detector(self) -> Detector:
         return get_detector_class(self.method)(**self.options)
@@ -228,6 +230,7 @@ class ProfileStore:
         options: dict[str, Any],
         images: Sequence[DecodedImage],
         policy: ThresholdPolicy,
+        category: str | None = None,
     ) -> tuple[Profile, Detector]:
         """Fit, calibrate and store a new profile (all or nothing).
 
@@ -246,15 +249,16 @@ class ProfileStore:
         for im in images:
             uniq.setdefault(im.sha256, im)
         shots = list(uniq.values())
-        lt = cls.learning_type
-        if lt is LearningType.FEW_SHOT and not shots:
+        if category is not None and not category.strip():
+            category = None
+        if cls.needs_normal_images() and not shots:
             raise ServiceError(
                 422,
                 "needs_normals",
                 f"{method} is a few-shot method: upload at least one normal image",
             )
         if policy.mode == "leave-one-out":
-            need = 1 if lt in (LearningType.ZERO_SHOT,) else 2
+            need = max(cls.min_batch, 1 if not cls.uses_normal_images else 2)
             if len(shots) < need:
                 raise ServiceError(
                     422,
@@ -274,14 +278,18 @@ class ProfileStore:
 
         arrays = [im.array for im in shots]
         detector = make()
-        use_shots = lt is not LearningType.ZERO_SHOT and bool(arrays)
+        use_shots = cls.uses_normal_images and bool(arrays)
         try:
-            detector.fit(arrays if use_shots else None)
+            detector.fit(arrays if use_shots else None, category=category)
             if policy.mode == "fixed":
                 thr = fixed_threshold(float(policy.value))  # type: ignore[arg-type]
             else:
                 thr = calibrate_leave_one_out(
-                    make, arrays, percentile=policy.percentile, margin=policy.margin
+                    make,
+                    arrays,
+                    percentile=policy.percentile,
+                    margin=policy.margin,
+                    category=category,
                 )
         except ServiceError:
             raise
@@ -293,13 +301,14 @@ class ProfileStore:
             uid=uuid.uuid4().hex,
             method=method,
             options=dict(options),
-            learning_type=lt.value,
+            learning_type=cls.learning_type.value,
             normals=[im.sha256 for im in shots],
             normal_names=[im.file_name for im in shots],
             threshold=thr.to_dict(),
             policy=asdict(policy),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             detector_config=detector.config(),
+            category=category,
         )
         with self._lock:
             if self.exists(name):
