@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pyproject.toml declares the supported ranges.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test test-fast lint typecheck format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# the team's TF-converted MobileNetV2, used by the demo when it is there (random features otherwise)
+DEMO_WEIGHTS ?= ../shared/weights/mobilenet_v2_imagenet_int8dequant.safetensors
+
 demo: $(STAMP)
-	$(VENV)/bin/anomalens demo --out demo_out
+	$(VENV)/bin/anomalens demo --out demo_out $(if $(wildcard $(DEMO_WEIGHTS)),--weights $(DEMO_WEIGHTS) --backbone mobilenet_v2_tf)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -31,6 +34,10 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# unit and service tests only (no tests/integration): a quick check while editing
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache

@@ -21,6 +21,17 @@ SHARED = (REPO / ".." / "shared").resolve()
 torch.set_num_threads(int(os.environ.get("ANOMALENS_TEST_THREADS", "1")))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """tests/integration/ is ``slow`` (``make test-fast`` leaves it out); ``gpu`` tests skip
+    without CUDA."""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared, or skip the test with a clear reason when it is absent."""
     p = SHARED.joinpath(*parts)

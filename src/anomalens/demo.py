@@ -1,10 +1,11 @@
 """The offline demo: synthetic defects -> few-shot PatchCore -> reports with overlays.
 
-Everything runs without internet. Backbone weights, in order of preference: ``--weights``,
-``$ANOMALENS_DEMO_WEIGHTS``, the team's shared MobileNetV2 (``../shared/weights``), torchvision's
-MobileNetV2 in the anomalens cache (``anomalens weights download mobilenet_v2 --to DIR``), and
-finally randomly initialised features, which still find the synthetic defects but are marked as
-such in every output.
+Everything runs without internet. Backbone weights, in order of preference: ``--weights``
+(with ``--backbone``), ``$ANOMALENS_DEMO_WEIGHTS`` (with ``$ANOMALENS_DEMO_BACKBONE``),
+torchvision's MobileNetV2 in the anomalens cache (``anomalens weights download mobilenet_v2
+--to DIR``), and finally randomly initialised features, which still find the synthetic defects
+but are marked as such in every output. The backbone preset defaults to ``mobilenet_v2``
+(torchvision's preprocessing); a TF-converted MobileNetV2 needs ``mobilenet_v2_tf``.
 """
 
 from __future__ import annotations
@@ -22,28 +23,25 @@ from anomalens.backbones.weights import WeightNotAvailableError, resolve_weights
 __all__ = ["pick_demo_weights", "run_demo"]
 
 log = logging.getLogger(__name__)
-SHARED_MOBILENET = (
-    Path("..") / "shared" / "weights" / "mobilenet_v2_imagenet_int8dequant.safetensors"
-)
+DEFAULT_BACKBONE = "mobilenet_v2"
 
 
-def _preset_for(path: str) -> str:
-    # the team's TF-converted file needs the TF preset (inputs in [-1, 1], SAME padding);
-    # any other MobileNetV2 file is taken to be torchvision's.
-    return "mobilenet_v2_tf" if Path(path).name == SHARED_MOBILENET.name else "mobilenet_v2"
+def pick_demo_weights(
+    weights: str | None, backbone: str | None = None
+) -> tuple[str, str, str]:
+    """Choose (backbone preset, weights, human-readable origin) for the demo.
 
-
-def pick_demo_weights(weights: str | None) -> tuple[str, str, str]:
-    """Choose (backbone preset, weights, human-readable origin) for the demo."""
+    Args:
+        weights: a weights file (``--weights``), or None to look further.
+        backbone: the preset the file was made for (``--backbone``); None:
+            ``$ANOMALENS_DEMO_BACKBONE`` or ``mobilenet_v2``. Never guessed from a file name.
+    """
+    preset = backbone or os.environ.get("ANOMALENS_DEMO_BACKBONE") or DEFAULT_BACKBONE
     if weights:
-        return (_preset_for(weights), weights, f"--weights {weights}")
+        return (preset, weights, f"--weights {weights}")
     env = os.environ.get("ANOMALENS_DEMO_WEIGHTS")
     if env:
-        return (_preset_for(env), env, f"$ANOMALENS_DEMO_WEIGHTS={env}")
-    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        cand = (base / SHARED_MOBILENET).resolve()
-        if cand.is_file():
-            return ("mobilenet_v2_tf", str(cand), f"shared MobileNetV2 ({cand})")
+        return (preset, env, f"$ANOMALENS_DEMO_WEIGHTS={env}")
     try:
         path = resolve_weights("mobilenet_v2", offline=True)
         return ("mobilenet_v2", str(path), f"torchvision MobileNetV2 from the cache ({path})")
@@ -54,13 +52,14 @@ def pick_demo_weights(weights: str | None) -> tuple[str, str, str]:
         "For real features run `anomalens weights download mobilenet_v2 --to DIR` on a "
         "connected machine and pass --weights DIR/mobilenet_v2-b0353104.pth"
     )
-    return ("mobilenet_v2", "random", "RANDOM weights (no pretrained file found offline)")
+    return (preset, "random", "RANDOM weights (no pretrained file found offline)")
 
 
 def run_demo(
     out: str | Path,
     *,
     weights: str | None = None,
+    backbone: str | None = None,
     seed: int = 0,
     progress: bool = True,
     categories: list[str] | None = None,
@@ -83,7 +82,7 @@ def run_demo(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    backbone, w, origin = pick_demo_weights(weights)
+    backbone, w, origin = pick_demo_weights(weights, backbone)
     print(f"[demo] backbone {backbone}, weights: {origin}")
     cats = categories or list_synthetic_categories()
     data = generate_synthetic_dataset(

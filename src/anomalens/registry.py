@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from anomalens.detectors.base import Detector
 
-__all__ = ["create_detector", "get_detector_class", "list_detectors", "register_detector"]
+__all__ = [
+    "check_options",
+    "create_detector",
+    "detector_options",
+    "get_detector_class",
+    "list_detectors",
+    "register_detector",
+]
 
 _REGISTRY: dict[str, type[Detector]] = {}
 T = TypeVar("T", bound="type[Detector]")
@@ -42,18 +50,23 @@ def register_detector(name: str) -> Callable[[T], T]:
 
 
 def _load_builtin() -> None:
+    """Import the built-in detector modules (each registers its class).
+
+    A built-in module that cannot be imported is a broken installation: the error says which
+    module and why, instead of the method silently missing from the registry.
+    """
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for mod in _DETECTOR_MODULES:
         try:
             importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            # only a missing *module of ours* is tolerated (method not built yet / optional);
-            # a missing third-party dependency inside an existing module is a real error.
-            if exc.name != mod:
-                raise
+        except ImportError as exc:
+            raise ImportError(
+                f"built-in detector module {mod} cannot be imported ({exc}); the anomalens "
+                "installation is incomplete: reinstall it (pip install --force-reinstall anomalens)"
+            ) from exc
+    _loaded = True
 
 
 def list_detectors() -> list[str]:
@@ -73,6 +86,68 @@ def get_detector_class(name: str) -> type[Detector]:
     return _REGISTRY[key]
 
 
-def create_detector(name: str, **kwargs: Any) -> Detector:
-    """Build the detector registered under ``name`` with keyword options."""
-    return get_detector_class(name)(**kwargs)
+#: The backbone's weights are called ``weights`` for every method (the CLIP methods' own
+#: constructors call them ``pretrained``, open_clip's word; that name is accepted as an alias).
+_WEIGHT_ALIASES = ("weights", "pretrained")
+
+
+def _constructor_params(cls: type[Detector]) -> dict[str, inspect.Parameter]:
+    params = dict(inspect.signature(cls.__init__).parameters)
+    params.pop("self", None)
+    return params
+
+
+def detector_options(name: str) -> list[str]:
+    """The option names ``create_detector(name, ...)`` accepts (``weights`` for every method)."""
+    params = _constructor_params(get_detector_class(name))
+    names = [p for p, v in params.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+    if "pretrained" in names and "weights" not in names:
+        names[names.index("pretrained")] = "weights"
+    return names
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate detector options the same way for the CLI, the Python API and the service.
+
+    ``weights`` names the backbone weights for every method; ``pretrained`` is accepted as
+    its alias. Option names use ``_`` (``-`` is converted).
+
+    Returns:
+        The options as the method's constructor takes them.
+
+    Raises:
+        KeyError: unknown method (the message lists the registered ones).
+        ValueError: unknown option(s), or both ``weights`` and ``pretrained``; the message
+            lists the accepted options.
+    """
+    cls = get_detector_class(name)
+    params = _constructor_params(cls)
+    opts = {str(k).strip().replace("-", "_"): v for k, v in options.items()}
+    given = [k for k in _WEIGHT_ALIASES if k in opts]
+    if len(given) > 1:
+        raise ValueError(
+            f"give the backbone weights once: 'weights' and 'pretrained' mean the same ({name})"
+        )
+    if given:
+        target = next((k for k in _WEIGHT_ALIASES if k in params), None)
+        if target is not None:
+            opts[target] = opts.pop(given[0])
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        bad = sorted(k for k in opts if k not in params)
+        if bad:
+            raise ValueError(
+                f"method {name!r} does not accept option(s) {', '.join(bad)}. "
+                f"Accepted: {', '.join(detector_options(name))}"
+            )
+    return opts
+
+
+def create_detector(name: str, **options: Any) -> Detector:
+    """Build the detector registered under ``name``.
+
+    Args:
+        name: method name (``list_detectors()``).
+        **options: the method's options (``anomalens list methods``; ``weights`` names the
+            backbone's weights for every method). Validated by :func:`check_options`.
+    """
+    return get_detector_class(name)(**check_options(name, options))

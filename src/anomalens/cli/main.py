@@ -35,10 +35,12 @@ def _parse_value(text: str) -> Any:
 
 
 def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Constructor options from the common flags and repeated ``--option key=value``."""
-    from anomalens.registry import get_detector_class
+    """Constructor options from the common flags and repeated ``--option key=value``.
 
-    cls = get_detector_class(args.method)
+    Validated by ``anomalens.registry.check_options``, as the Python API and the service do.
+    """
+    from anomalens.registry import check_options
+
     kwargs: dict[str, Any] = {}
     for flag in ("backbone", "weights", "image_size", "device", "checkpoint", "precision"):
         v = getattr(args, flag, None)
@@ -51,19 +53,10 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"error: --option expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         kwargs[k.strip().replace("-", "_")] = _parse_value(v)
-    params = inspect.signature(cls.__init__).parameters
-    if "weights" in kwargs and "weights" not in params and "pretrained" in params:
-        # CLIP methods call their backbone weights ``pretrained`` (open_clip's word)
-        kwargs["pretrained"] = kwargs.pop("weights")
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        bad = [k for k in kwargs if k not in params]
-        if bad:
-            accepted = [p for p in params if p != "self"]
-            raise SystemExit(
-                f"error: method {args.method!r} does not accept option(s) {', '.join(bad)}. "
-                f"Accepted: {', '.join(accepted)}"
-            )
-    return kwargs
+    try:
+        return check_options(args.method, kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _add_method_flags(p: argparse.ArgumentParser, default_method: str | None = None) -> None:
@@ -258,7 +251,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomalens.demo import run_demo
 
-    run_demo(args.out, weights=args.weights, seed=args.seed, progress=not args.quiet)
+    run_demo(
+        args.out,
+        weights=args.weights,
+        backbone=args.backbone,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -281,22 +280,18 @@ def cmd_weights(args: argparse.Namespace) -> int:
         out = pack_weights(args.folder, args.out)
         print(f"bundle written: {out}")
         return 0
-    if args.action == "unpack":
-        dest = Path(args.to) if args.to else cache_dir()
-        files = unpack_weights(args.bundle, dest)
-        print(f"{len(files)} files verified and placed in {dest}")
-        return 0
-    raise SystemExit(f"unknown weights action {args.action}")
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from anomalens.training.cli import run_train
-
-    return run_train(args)
+    # unpack (the sub-parser allows no other action)
+    dest = Path(args.to) if args.to else cache_dir()
+    files = unpack_weights(args.bundle, dest)
+    print(f"{len(files)} files verified and placed in {dest}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from anomalens.data.registry import list_datasets
+    from anomalens.data.sampling import SHOT_RULES
+
     p = argparse.ArgumentParser(
         prog="anomalens",
         description="Universal visual anomaly detection from zero or a few normal images.",
@@ -375,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         "runs are kept in OUT/jobs/ and skipped when the command is run again.",
     )
     _add_method_flags(s)
-    s.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "mpdd", "folder"])
+    s.add_argument("--dataset", required=True, choices=list_datasets())
     s.add_argument("--root", required=True, help="dataset root folder")
     s.add_argument("--categories", nargs="+", help="categories (default: all under --root)")
     s.add_argument(
@@ -385,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--draw-rule",
         default="without_replacement",
-        choices=["without_replacement", "adaptclip", "first"],
+        choices=SHOT_RULES,
         help="reference draw: k distinct images (default), the official AdaptCLIP rule "
         "(torch.manual_seed(seed); torch.randint, with replacement), or the first k images "
         "(anomalib's WinCLIP)",
@@ -415,7 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", default="demo_out")
     s.add_argument(
-        "--weights", help="CNN weights file (default: see docs; random features if none)"
+        "--weights",
+        help="MobileNetV2 weights file (default: $ANOMALENS_DEMO_WEIGHTS, else the cached "
+        "torchvision file, else random features, marked as such)",
+    )
+    s.add_argument(
+        "--backbone",
+        help="preset the weights were made for (default: $ANOMALENS_DEMO_BACKBONE or "
+        "mobilenet_v2; a TF-converted MobileNetV2 needs mobilenet_v2_tf)",
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-q", "--quiet", action="store_true")

@@ -76,6 +76,12 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
+    if settings.torch_threads > 0:
+        # the server process is ours: its thread count is set here, not by create_app (an
+        # application embedding the app keeps its own setting)
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     app = create_app(settings)
     print(
         f"anomalens service on http://{settings.host}:{settings.port}/ "

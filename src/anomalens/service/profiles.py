@@ -12,7 +12,6 @@ normal images on first use after a restart (the threshold is stored, so no recal
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from typing import Any
 from anomalens._fileio import atomic_save_png, atomic_write_json
 from anomalens.data.io import load_image
 from anomalens.detectors.base import Detector
-from anomalens.registry import get_detector_class
+from anomalens.registry import check_options, create_detector, get_detector_class
 from anomalens.service.errors import ServiceError
 from anomalens.service.uploads import DecodedImage
 from anomalens.thresholds import Threshold, calibrate_leave_one_out, fixed_threshold
@@ -111,7 +110,7 @@ class Profile:
     category: str | None = None
 
     def make_detector(self) -> Detector:
-        return get_detector_class(self.method)(**self.options)
+        return create_detector(self.method, **self.options)
 
     def threshold_obj(self) -> Threshold:
         d = dict(self.threshold)
@@ -154,16 +153,10 @@ def check_method_options(method: str, options: dict[str, Any]) -> type[Detector]
         cls = get_detector_class(method)
     except KeyError as exc:
         raise ServiceError(422, "unknown_method", str(exc.args[0])) from None
-    params = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        bad = sorted(k for k in options if k not in params or k == "self")
-        if bad:
-            accepted = ", ".join(p for p in params if p != "self")
-            raise ServiceError(
-                422,
-                "bad_option",
-                f"method {method!r} does not accept option(s) {', '.join(bad)}. Accepted: {accepted}",
-            )
+    try:
+        check_options(method, options)
+    except ValueError as exc:
+        raise ServiceError(422, "bad_option", str(exc)) from None
     return cls
 
 
@@ -272,7 +265,7 @@ class ProfileStore:
 
         def make() -> Detector:
             try:
-                return cls(**options)
+                return create_detector(method, **options)
             except Exception as exc:  # any constructor failure is the user's settings
                 raise ServiceError(422, "bad_detector", f"cannot build {method}: {exc}") from exc
 

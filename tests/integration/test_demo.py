@@ -29,9 +29,12 @@ def test_demo_end_to_end_small(tmp_path, capsys):
 
 
 def test_demo_weight_choice(monkeypatch, tmp_path):
-    monkeypatch.setenv(
-        "ANOMALENS_DEMO_WEIGHTS", str(tmp_path / "mobilenet_v2_imagenet_int8dequant.safetensors")
-    )
-    backbone, _weights, origin = pick_demo_weights(None)
-    assert backbone == "mobilenet_v2_tf" and "ANOMALENS_DEMO_WEIGHTS" in origin
-    assert pick_demo_weights("x.pth")[0] == "mobilenet_v2"
+    # the preset is never guessed from a file name: it is given, or the torchvision default
+    weights = str(tmp_path / "mobilenet_v2_imagenet_int8dequant.safetensors")
+    monkeypatch.setenv("ANOMALENS_DEMO_WEIGHTS", weights)
+    monkeypatch.delenv("ANOMALENS_DEMO_BACKBONE", raising=False)
+    backbone, chosen, origin = pick_demo_weights(None)
+    assert (backbone, chosen) == ("mobilenet_v2", weights) and "ANOMALENS_DEMO_WEIGHTS" in origin
+    monkeypatch.setenv("ANOMALENS_DEMO_BACKBONE", "mobilenet_v2_tf")
+    assert pick_demo_weights(None)[0] == "mobilenet_v2_tf"
+    assert pick_demo_weights("x.pth", "mobilenet_v2")[:2] == ("mobilenet_v2", "x.pth")
