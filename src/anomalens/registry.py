@@ -150,4 +150,8 @@ def create_detector(name: str, **options: Any) -> Detector:
         **options: the method's options (``anomalens list methods``; ``weights`` names the
             backbone's weights for every method). Validated by :func:`check_options`.
     """
-    return get_detector_class(name)(**check_options(name, options))
+    opts = check_options(name, options)
+    detector = get_detector_class(name)(**opts)
+    # what rebuilds this detector (model files): the options exactly as the method took them
+    detector.init_options = dict(opts)
+    return detector

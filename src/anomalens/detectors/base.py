@@ -76,6 +76,9 @@ class Detector(abc.ABC):
         self._fitted = False
         self.num_shots = 0
         self.category: str | None = None
+        #: the options ``create_detector`` built this detector with (None when the class was
+        #: called directly); model files record them to rebuild the detector
+        self.init_options: dict[str, Any] | None = None
 
     # --------------------------------------------------------------------- facts
     @classmethod
