@@ -31,6 +31,7 @@ _DETECTOR_MODULES = (
     "anomalens.detectors.adaptclip",
     "anomalens.detectors.anomalyclip",
     "anomalens.detectors.musc",
+    "anomalens.detectors.refdiff",
 )
 _loaded = False
 

@@ -74,6 +74,8 @@ class Sample:
         category: category / product name.
         defect_type: folder name of the defect (``good``/``ok`` for normal images, "" if unknown).
         split: ``train`` or ``test``.
+        reference_path: the image's own normal reference (reference-based inspection:
+            golden sample, template), or None.
     """
 
     image_path: Path
@@ -82,3 +84,4 @@ class Sample:
     category: str = ""
     defect_type: str = ""
     split: str = "test"
+    reference_path: Path | None = None

@@ -38,6 +38,7 @@ BUILDERS: dict[str, Callable[[], Detector]] = {
     "winclip": lambda: create_detector("winclip", backbone=_tiny_clip(), scales=(2,)),
     "adaptclip": lambda: create_detector("adaptclip", backbone=_tiny_clip(), sigma=1.0),
     "anomalyclip": lambda: create_detector("anomalyclip", backbone=_tiny_clip(), sigma=1.0),
+    "refdiff": lambda: create_detector("refdiff", image_size=64, sigma=2.0),
     "musc": lambda: create_detector(
         "musc", backbone="resnet18", weights="random", image_size=64, progress=False
     ),

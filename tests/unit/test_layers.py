@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "__init__": 3,
     "thresholds": 4,
     "results": 4,
+    "reference": 4,
     "pipeline": 4,
     "benchmark": 4,
     "training": 4,

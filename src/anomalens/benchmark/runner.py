@@ -142,6 +142,8 @@ def _job_path(out: Path, category: str, k: int, seed: int | None) -> Path:
 
 
 def _jobs(cfg: BenchmarkConfig, categories: list[str], detector: Detector) -> list[tuple]:
+    if cfg.dataset == "pairs":  # each test image brings its own reference: one job per group
+        return [(cat, 1, None) for cat in categories]
     jobs = []
     for cat in categories:
         for k in cfg.shots:
@@ -213,24 +215,35 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
             rows.append(json.loads(path.read_text()))
             continue
         bar.set_postfix_str(f"{cat} k={k} seed={seed}")
-        train = get_index(cfg.dataset, cfg.root, cat, "train") if k > 0 else []
         test = _subsample(get_index(cfg.dataset, cfg.root, cat, "test"), cfg.max_test_images)
-        shots = (
-            sample_shots(train, k, seed if seed is not None else 0, rule=cfg.draw_rule) if k else []
-        )
-        t0 = time.perf_counter()
-        shot_images = [load_image(s.image_path) for s in shots]
-        # the dataset's category names the object for methods whose prompts use it (WinCLIP)
-        detector.fit(shot_images if shot_images else None, category=cat)
-        fit_seconds = time.perf_counter() - t0
-        metrics = evaluate_category(
-            detector,
-            test,
-            batch_size=cfg.batch_size,
-            pixel_mode=cfg.pixel_mode,
-            progress=progress,
-            desc=f"{cat} k={k}",
-        )
+        if cfg.dataset == "pairs":  # fitted on each test image's own reference
+            from anomalens.benchmark.pairs import evaluate_pairs
+
+            shots: list[Sample] = []
+            fit_seconds = 0.0
+            metrics = evaluate_pairs(
+                detector, test, pixel_mode=cfg.pixel_mode, progress=progress, category=cat
+            )
+        else:
+            train = get_index(cfg.dataset, cfg.root, cat, "train") if k > 0 else []
+            shots = (
+                sample_shots(train, k, seed if seed is not None else 0, rule=cfg.draw_rule)
+                if k
+                else []
+            )
+            t0 = time.perf_counter()
+            shot_images = [load_image(s.image_path) for s in shots]
+            # the dataset's category names the object for methods whose prompts use it (WinCLIP)
+            detector.fit(shot_images if shot_images else None, category=cat)
+            fit_seconds = time.perf_counter() - t0
+            metrics = evaluate_category(
+                detector,
+                test,
+                batch_size=cfg.batch_size,
+                pixel_mode=cfg.pixel_mode,
+                progress=progress,
+                desc=f"{cat} k={k}",
+            )
         row = {
             "method": cfg.method,
             "dataset": cfg.dataset,

@@ -147,6 +147,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from anomalens.registry import create_detector
 
     kwargs = _method_kwargs(args)
+    if args.pairs or args.reference_dir:
+        return _predict_pairs(args, kwargs)
+    if not args.images:
+        raise SystemExit("error: give --images DIR (or --pairs FILE / --reference-dir DIR)")
+    if args.align != "none":
+        raise SystemExit(
+            "error: --align applies to reference-based runs (--pairs, --reference-dir)"
+        )
     recursive = args.recursive or args.groups
     normals = _images_of(args.normal, recursive) if args.normal else []
     images = _images_of(args.images, recursive)
@@ -206,6 +214,58 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"{s.num_errors} unreadable; {s.seconds:.1f} s"
         )
     print(f"results: {Path(args.out) / 'results.csv'}\nreport:  {index}")
+    return 0
+
+
+def _predict_pairs(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
+    """``predict --pairs FILE`` / ``--reference-dir DIR``: each image against its own reference."""
+    from anomalens.data.pairs import pairs_from_reference_dir, read_pairs_csv
+    from anomalens.reference import PairsThreshold, run_predict_pairs
+    from anomalens.registry import create_detector
+
+    if args.pairs and args.reference_dir:
+        raise SystemExit("error: give either --pairs or --reference-dir, not both")
+    if args.groups or args.normal or args.calibration:
+        raise SystemExit(
+            "error: a reference-based run takes each image's own reference: --groups, --normal "
+            "and --calibration do not apply (use --calibration-pairs FILE of known-good pairs)"
+        )
+    if args.pairs:
+        pairs = read_pairs_csv(args.pairs)
+        source = Path(args.pairs).name
+    else:
+        if not args.images:
+            raise SystemExit("error: --reference-dir needs --images DIR")
+        pairs = pairs_from_reference_dir(
+            _images_of(args.images, args.recursive), args.images, args.reference_dir
+        )
+        source = Path(args.images).name
+    spec = PairsThreshold(
+        fixed=args.threshold,
+        pixel_fixed=args.pixel_threshold,
+        calibration=read_pairs_csv(args.calibration_pairs) if args.calibration_pairs else None,
+        percentile=args.percentile if args.percentile is not None else 99.0,
+        margin=args.margin,
+    )
+    s = run_predict_pairs(
+        lambda: create_detector(args.method, **kwargs),
+        pairs,
+        args.out,
+        align=args.align,
+        threshold=spec,
+        category=args.object_name,
+        save_overlays=not args.no_overlays,
+        save_masks=not args.no_masks,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        title=f"anomalens {args.method} (reference-based): {source}",
+    )
+    print(
+        f"{s.num_scored} pairs scored, {s.num_anomalous} anomalous (threshold "
+        f"{s.threshold.value:.6g}, {s.threshold.method}); {s.num_errors} not scored; "
+        f"{s.seconds:.1f} s"
+    )
+    print(f"results: {Path(args.out) / 'results.csv'}\nreport:  {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -320,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_method_flags(s)
     s.add_argument("--normal", help="folder of k normal (good) images")
-    s.add_argument("--images", required=True, help="folder of images to inspect")
+    s.add_argument("--images", help="folder of images to inspect")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--recursive", action="store_true", help="include sub-folders")
     s.add_argument(
@@ -340,6 +400,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-names",
         action="store_true",
         help="with --groups: use each sub-folder's name as its object name (see --object-name)",
+    )
+    r = s.add_argument_group(
+        "reference-based inspection (each image against its own normal reference)"
+    )
+    r.add_argument(
+        "--pairs",
+        metavar="FILE",
+        help="CSV with columns image,reference[,mask] (paths relative to the file); use "
+        "--method refdiff for golden-template comparison (see docs/reference.md)",
+    )
+    r.add_argument(
+        "--reference-dir",
+        metavar="DIR",
+        help="references for --images: same relative path or file name, else the same stem",
+    )
+    r.add_argument(
+        "--align",
+        default="none",
+        choices=["none", "ecc", "homography"],
+        help="align each image to its reference first (OpenCV; default: none)",
+    )
+    r.add_argument(
+        "--calibration-pairs",
+        metavar="FILE",
+        help="pairs file of known-good pairs to set the threshold on (default: from the "
+        "batch, assumed mostly normal)",
     )
     t = s.add_argument_group("threshold (no labelled defects needed)")
     t.add_argument("--threshold", type=float, help="fixed image-score threshold")

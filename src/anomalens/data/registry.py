@@ -22,6 +22,7 @@ from anomalens.data.mvtec import (
     make_mpdd_index,
     make_mvtec_index,
 )
+from anomalens.data.pairs import make_pairs_index, pairs_categories
 from anomalens.data.visa import VISA_CATEGORIES, make_visa_index, visa_categories
 from anomalens.types import Sample
 
@@ -42,6 +43,7 @@ KNOWN_CATEGORIES: dict[str, tuple[str, ...]] = {
     "folder": (),
     "mpdd": MPDD_CATEGORIES,
     "mvtec": MVTEC_CATEGORIES,
+    "pairs": (),
     "visa": VISA_CATEGORIES,
 }
 
@@ -122,6 +124,7 @@ _READERS: dict[str, IndexFn] = {
     "folder": make_folder_dataset_index,
     "mpdd": make_mpdd_index,
     "mvtec": make_mvtec_index,
+    "pairs": make_pairs_index,
     "visa": make_visa_index,
 }
 
@@ -147,6 +150,8 @@ def list_categories(dataset: str, root: str | Path) -> list[str]:
         return visa_categories(root)
     if key == "folder":
         return _folder_categories(root)
+    if key == "pairs":
+        return pairs_categories(root)
     return find_category_dirs(root)
 
 
