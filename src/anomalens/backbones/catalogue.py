@@ -5,7 +5,7 @@ Each entry is data: a source (URL or ``hf-hub:`` id) and the file name in the ca
 
 from __future__ import annotations
 
-from anomalens.backbones.weights import WeightSpec
+from anomalens.backbones.weight_spec import WeightSpec
 
 __all__ = ["WEIGHTS"]
 

@@ -4,7 +4,9 @@
 the architecture of a preset (``anomalens.backbones.presets``), loads weights through
 ``load_cnn_state_dict`` (the one place that turns a ``weights`` argument into tensors), optionally
 switches the stride-2 convolutions to TensorFlow "SAME" padding, and returns a
-``CNNFeatureExtractor`` that maps (B, 3, H, W) images to a list of (B, C_l, h_l, w_l) maps.
+``CNNFeatureExtractor`` that maps (B, 3, H, W) images to a list of (B, C_l, h_l, w_l) maps
+(``extractor(x)``) or to patch tokens (``extractor.extract(x)``, the
+:class:`~anomalens.backbones.protocol.PatchFeatureExtractor` contract).
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from anomalens.backbones.presets import CNNPreset, get_cnn_preset
+from anomalens.backbones.protocol import PatchFeatures, maps_to_patch_features
 from anomalens.backbones.weights import resolve_weights
 from anomalens.data.io import ImageLike
 from anomalens.data.transforms import to_batch
 
 __all__ = [
+    "RANDOM_WEIGHTS",
     "CNNFeatureExtractor",
     "TFSameConv2d",
     "apply_tf_padding",
+    "cnn_extractor",
     "create_cnn_backbone",
     "load_cnn_state_dict",
     "read_state_dict",
@@ -235,6 +240,19 @@ class CNNFeatureExtractor(nn.Module):
         """
         out = self.body(x)
         return [out[layer] for layer in self.layers]
+
+    @torch.no_grad()
+    def extract(self, x: torch.Tensor) -> PatchFeatures:
+        """The feature maps as patch tokens (the :class:`PatchFeatureExtractor` contract).
+
+        Args:
+            x: (B, 3, H, W) normalised images (see ``preprocess``).
+
+        Returns:
+            :class:`PatchFeatures`: per layer (B, h_l * w_l, C_l) tokens and (h_l, w_l) grids;
+            embedding (B, C_last) = spatial mean of the last map.
+        """
+        return maps_to_patch_features(self(x))
 
     def preprocess(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
         """Resize (squash) to size x size and normalise with the preset's mean/std.

@@ -22,9 +22,10 @@ import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from anomalens.backbones.weight_spec import WeightSpec
 
 __all__ = [
     "WeightNotAvailableError",
@@ -39,25 +40,6 @@ __all__ = [
 
 class WeightNotAvailableError(FileNotFoundError):
     """A weight file is neither on disk nor in the cache and cannot be fetched."""
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """A named weight in the catalogue.
-
-    Attributes:
-        name: short alias (``anomalens weights download NAME``).
-        source: URL or ``hf-hub:`` id.
-        filename: file name in the cache folder.
-        sha256: expected digest (checked after download when given).
-        description: one line for ``anomalens weights list``.
-    """
-
-    name: str
-    source: str
-    filename: str
-    sha256: str | None = None
-    description: str = ""
 
 
 def is_offline() -> bool:

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from anomalens.backbones.clip_build import musc_clip_backbone
+from anomalens.backbones.patch_features import ClipPatchExtractor, CnnPatchExtractor
+from anomalens.backbones.protocol import PatchFeatureExtractor, PatchFeatures
 from anomalens.data.io import ImageLike
 from anomalens.detectors.base import Detector
 from anomalens.registry import register_detector
@@ -46,7 +48,6 @@ from anomalens.types import LearningType, Prediction
 
 if TYPE_CHECKING:
     from anomalens.backbones.clip import ClipBackbone
-    from anomalens.backbones.cnn import CNNFeatureExtractor
 
 __all__ = [
     "ClipPatchExtractor",
@@ -55,194 +56,7 @@ __all__ = [
     "PatchFeatureExtractor",
     "PatchFeatures",
     "musc_clip_backbone",
-    "resize_positions_bicubic",
 ]
-
-#: Feature blocks (1-based) per CLIP depth, as the official scripts (0-based 5,11,17,23 / 2,5,8,11).
-_CLIP_LAYERS = {24: (6, 12, 18, 24), 12: (3, 6, 9, 12)}
-
-
-@dataclass
-class PatchFeatures:
-    """Patch tokens of several layers plus one global embedding per image.
-
-    Attributes:
-        tokens: per layer, (B, L_l, C_l) patch tokens without class token, row-major grid.
-        grids: per layer, the (h_l, w_l) grid with h_l * w_l = L_l.
-        embedding: (B, D) global image embedding for RsCIN (normalised by MuSc).
-    """
-
-    tokens: list[torch.Tensor]
-    grids: list[tuple[int, int]]
-    embedding: torch.Tensor
-
-
-@runtime_checkable
-class PatchFeatureExtractor(Protocol):
-    """What MuSc needs from a backbone: preprocessing and multi-layer patch tokens."""
-
-    def preprocess(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
-        """Images -> (B, 3, size, size) normalised tensor on the CPU."""
-        ...
-
-    def extract(self, x: torch.Tensor) -> PatchFeatures:
-        """(B, 3, S, S) on the extractor's device -> :class:`PatchFeatures`."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """Settings that determine the features (for ``MuSc.config()``)."""
-        ...
-
-
-class ClipPatchExtractor:
-    """MuSc features from a :class:`ClipBackbone`: raw residual streams + projected CLS.
-
-    Patch tokens are the outputs of the given transformer blocks (1-based; the official config
-    ``[5, 11, 17, 23]`` means blocks 6, 12, 18, 24), before ``ln_post`` and without projection,
-    class token dropped. The embedding is ``ln_post(CLS after the last block) @ proj``.
-
-    Args:
-        backbone: a built ClipBackbone (its input size fixes the grid). For the official
-            positional-embedding resize use :func:`musc_clip_backbone`.
-        layers: 1-based block numbers (default 6, 12, 18, 24 for 24 blocks; 3, 6, 9, 12 for 12).
-        batch_size: images per backbone forward inside one ``extract`` call (None: all).
-    """
-
-    def __init__(
-        self,
-        backbone: ClipBackbone,
-        layers: Sequence[int] | None = None,
-        batch_size: int | None = None,
-    ) -> None:
-        self.backbone = backbone
-        depth = backbone.num_layers
-        if layers is None:
-            if depth not in _CLIP_LAYERS:
-                raise ValueError(
-                    f"no default MuSc layers for a CLIP with {depth} blocks: pass layers=..."
-                )
-            layers = _CLIP_LAYERS[depth]
-        bad = [b for b in layers if not 1 <= int(b) <= depth]
-        if bad:
-            raise ValueError(f"MuSc layers {bad} out of range: the CLIP has blocks 1..{depth}")
-        self.layers = tuple(int(b) for b in layers)
-        self.batch_size = batch_size
-
-    def preprocess(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
-        """CLIP squash-resize + mean/std of the backbone (``size`` must equal its input size)."""
-        if size != self.backbone.image_size:
-            raise ValueError(
-                f"image_size={size} differs from the CLIP backbone's input size "
-                f"{self.backbone.image_size}; build the backbone with image_size={size}"
-            )
-        return self.backbone.preprocess(images)
-
-    def extract(self, x: torch.Tensor) -> PatchFeatures:
-        """(B, 3, S, S) -> raw block outputs (B, L, W) per layer and (B, D) embedding."""
-        out = self.backbone.encode_image_tokens(x, self.layers, batch_size=self.batch_size)
-        grid = (int(out.grid_size[0]), int(out.grid_size[1]))
-        tokens = [t[:, 1:, :] for t in out.tokens]
-        emb = self.backbone.project_tokens(out.final[:, 0], ln_post=True)
-        return PatchFeatures(tokens, [grid] * len(tokens), emb)
-
-    def describe(self) -> dict[str, Any]:
-        """Backbone settings plus the tapped blocks."""
-        info: dict[str, Any] = {"backbone_layers": list(self.layers)}
-        info.update(self.backbone.describe())
-        return info
-
-
-def resize_positions_bicubic(
-    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
-) -> torch.Tensor:
-    """Positional-embedding resize of the official MuSc code: bicubic, no antialias.
-
-    Args:
-        pos_embed: (1 + h0 * w0, W), CLS row first (kept as is).
-        old_grid: (h0, w0).
-        new_grid: (h, w).
-
-    Returns:
-        (1 + h * w, W) in the dtype of ``pos_embed`` (computed in float32).
-    """
-    h0, w0 = old_grid
-    if pos_embed.shape[0] != 1 + h0 * w0:
-        raise ValueError(f"positional embedding has {pos_embed.shape[0]} rows, not 1 + {h0}*{w0}")
-    if tuple(new_grid) == (h0, w0):
-        return pos_embed.clone()
-    width = pos_embed.shape[1]
-    g = pos_embed[1:].float().reshape(1, h0, w0, width).permute(0, 3, 1, 2)
-    g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=False)
-    g = g.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:1], g])
-
-
-def musc_clip_backbone(native: ClipBackbone, image_size: int, **kwargs: Any) -> ClipBackbone:
-    """Re-wrap a CLIP built at its *native* size for MuSc at ``image_size``, as the official code.
-
-    The official MuSc code resizes the positional embedding with bicubic interpolation (no
-    antialias), where ``ClipBackbone.set_image_size`` uses bilinear (the AdaptCLIP convention).
-    The wrapped open_clip model is modified in place and re-wrapped.
-
-    Args:
-        native: ClipBackbone whose positional embedding is still the pretrained one (built with
-            ``image_size=None``).
-        image_size: MuSc input side S (multiple of the patch size).
-        **kwargs: ``precision`` / ``device`` for ``ClipBackbone.from_open_clip``.
-
-    Returns:
-        A ClipBackbone at ``image_size``.
-    """
-    from torch import nn
-
-    from anomalens.backbones.clip import ClipBackbone
-
-    patch = native.patch_size
-    if image_size <= 0 or image_size % patch:
-        raise ValueError(f"image_size={image_size} must be a multiple of the patch size {patch}")
-    visual = native.model.visual
-    new_grid = (image_size // patch, image_size // patch)
-    pos = resize_positions_bicubic(visual.positional_embedding.detach(), native.grid_size, new_grid)
-    visual.positional_embedding = nn.Parameter(pos, requires_grad=False)
-    visual.grid_size = new_grid
-    visual.image_size = (image_size, image_size)
-    return ClipBackbone.from_open_clip(
-        native.model,
-        image_size=None,
-        mean=native.mean,
-        std=native.std,
-        interpolation=native.interpolation,
-        model_name=native.model_name,
-        pretrained=native.pretrained,
-        **kwargs,
-    )
-
-
-class CnnPatchExtractor:
-    """MuSc features from a CNN (:func:`anomalens.backbones.cnn.create_cnn_backbone`).
-
-    Each feature map (B, C, h, w) becomes (B, h * w, C) tokens on its own grid (MSM runs per
-    layer; the score maps are resized to the finest grid before fusion). The global embedding
-    for RsCIN is the spatial mean of the last map (normalised by MuSc).
-    """
-
-    def __init__(self, model: CNNFeatureExtractor) -> None:
-        self.model = model
-
-    def preprocess(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
-        """Squash-resize and normalise with the CNN preset's mean/std."""
-        return self.model.preprocess(images, size)
-
-    def extract(self, x: torch.Tensor) -> PatchFeatures:
-        """(B, 3, S, S) -> tokens per layer and (B, C_last) pooled embedding."""
-        maps = self.model(x)
-        tokens = [m.flatten(2).transpose(1, 2) for m in maps]
-        grids = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
-        return PatchFeatures(tokens, grids, maps[-1].mean(dim=(2, 3)))
-
-    def describe(self) -> dict[str, Any]:
-        p = self.model.preset
-        return {"backbone": p.name, "backbone_layers": list(p.layers), "tf_padding": p.tf_padding}
 
 
 def _native_clip_size(model_name: str) -> int | None:
