@@ -87,9 +87,16 @@ def get_detector_class(name: str) -> type[Detector]:
     return _REGISTRY[key]
 
 
-#: The backbone's weights are called ``weights`` for every method (the CLIP methods' own
-#: constructors call them ``pretrained``, open_clip's word; that name is accepted as an alias).
+#: The backbone's weights are called ``weights`` for every method (WinCLIP and MuSc, which build
+#: their own CLIP, call them ``pretrained``, open_clip's word; that name is accepted as an alias).
 _WEIGHT_ALIASES = ("weights", "pretrained")
+#: Options that build the backbone, by kind. For a method whose constructor takes a built
+#: backbone (it has no ``weights`` parameter), ``create_detector`` builds the backbone from
+#: them with ``anomalens.backbones.build_backbone`` and passes the built object in.
+BACKBONE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "cnn": ("weights", "layers", "tf_padding"),
+    "clip": ("weights", "precision"),
+}
 
 
 def _constructor_params(cls: type[Detector]) -> dict[str, inspect.Parameter]:
@@ -98,12 +105,25 @@ def _constructor_params(cls: type[Detector]) -> dict[str, inspect.Parameter]:
     return params
 
 
+def _factory_options(cls: type[Detector]) -> tuple[str, ...]:
+    """Backbone options ``create_detector`` handles for ``cls`` (empty: it builds its own)."""
+    params = _constructor_params(cls)
+    if cls.backbone_kind is None or any(k in params for k in _WEIGHT_ALIASES):
+        return ()
+    return tuple(k for k in BACKBONE_OPTIONS[cls.backbone_kind] if k not in params)
+
+
 def detector_options(name: str) -> list[str]:
     """The option names ``create_detector(name, ...)`` accepts (``weights`` for every method)."""
-    params = _constructor_params(get_detector_class(name))
+    cls = get_detector_class(name)
+    params = _constructor_params(cls)
     names = [p for p, v in params.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
     if "pretrained" in names and "weights" not in names:
         names[names.index("pretrained")] = "weights"
+    extra = [k for k in _factory_options(cls) if k not in names]
+    if extra:
+        at = names.index("backbone") + 1 if "backbone" in names else 0
+        names[at:at] = extra
     return names
 
 
@@ -114,7 +134,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     its alias. Option names use ``_`` (``-`` is converted).
 
     Returns:
-        The options as the method's constructor takes them.
+        The options with the weights under the name the method uses.
 
     Raises:
         KeyError: unknown method (the message lists the registered ones).
@@ -123,6 +143,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """
     cls = get_detector_class(name)
     params = _constructor_params(cls)
+    accepted = set(params) | set(_factory_options(cls))
     opts = {str(k).strip().replace("-", "_"): v for k, v in options.items()}
     given = [k for k in _WEIGHT_ALIASES if k in opts]
     if len(given) > 1:
@@ -130,11 +151,11 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
             f"give the backbone weights once: 'weights' and 'pretrained' mean the same ({name})"
         )
     if given:
-        target = next((k for k in _WEIGHT_ALIASES if k in params), None)
+        target = next((k for k in _WEIGHT_ALIASES if k in accepted), None)
         if target is not None:
             opts[target] = opts.pop(given[0])
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        bad = sorted(k for k in opts if k not in params)
+        bad = sorted(k for k in opts if k not in accepted)
         if bad:
             raise ValueError(
                 f"method {name!r} does not accept option(s) {', '.join(bad)}. "
@@ -146,13 +167,37 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 def create_detector(name: str, **options: Any) -> Detector:
     """Build the detector registered under ``name``.
 
+    The backbone is built here, once, from its preset name and the backbone options
+    (``weights``, and ``layers`` / ``tf_padding`` for CNNs or ``precision`` for CLIP), and the
+    built object is passed to the detector, whose constructor takes only its own options
+    (as segment-anything's ``sam_model_registry`` does). WinCLIP and MuSc build their CLIP
+    themselves (method-specific construction: WinCLIP's open_clip model names, MuSc's bicubic
+    position resize and CNN taps).
+
     Args:
         name: method name (``list_detectors()``).
         **options: the method's options (``anomalens list methods``; ``weights`` names the
             backbone's weights for every method). Validated by :func:`check_options`.
     """
+    cls = get_detector_class(name)
     opts = check_options(name, options)
-    detector = get_detector_class(name)(**opts)
-    # what rebuilds this detector (model files): the options exactly as the method took them
+    factory = _factory_options(cls)
+    ctor = {k: v for k, v in opts.items() if k not in factory}
+    if factory and (
+        isinstance(ctor.get("backbone"), str)
+        or "backbone" not in ctor
+        or any(k in opts for k in factory)
+    ):
+        from anomalens.backbones.factory import build_backbone
+
+        default = _constructor_params(cls)["backbone"].default
+        ctor["backbone"] = build_backbone(
+            cls.backbone_kind,  # type: ignore[arg-type]
+            ctor.get("backbone", default),
+            device=ctor.get("device", "cpu"),
+            **{k: opts[k] for k in factory if k in opts},
+        )
+    detector = cls(**ctor)
+    # what rebuilds this detector (model files): the options as given, backbone by name
     detector.init_options = dict(opts)
     return detector

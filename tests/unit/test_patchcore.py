@@ -100,7 +100,9 @@ def test_reweighted_score_and_k(fitted: PatchCore) -> None:
 
 
 def test_coreset_applied_above_threshold() -> None:
-    det = PatchCore(backbone="resnet18", weights="random", coreset_ratio=0.25, coreset_above=1000)
+    det = create_detector(
+        "patchcore", backbone="resnet18", weights="random", coreset_ratio=0.25, coreset_above=1000
+    )
     det.fit([textured_image(s) for s in (1, 2)])
     assert det.config()["bank_size_before_coreset"] == 1568
     assert det.memory_bank is not None and det.memory_bank.shape[0] == 392

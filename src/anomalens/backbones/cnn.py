@@ -202,7 +202,13 @@ class CNNFeatureExtractor(nn.Module):
         layers: module names of the returned maps, in the order returned.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], preset: CNNPreset) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        preset: CNNPreset,
+        weights: str | None = None,
+    ) -> None:
         super().__init__()
         if not layers:
             raise ValueError("at least one feature layer is needed")
@@ -216,6 +222,8 @@ class CNNFeatureExtractor(nn.Module):
             )
         self.preset = preset
         self.layers = tuple(layers)
+        #: the weights it was built with, as given (None: the preset's default)
+        self.weights = weights
         self.body = create_feature_extractor(
             model,
             return_nodes={layer: layer for layer in self.layers},
@@ -320,7 +328,9 @@ def create_cnn_backbone(
     if use_tf:
         apply_tf_padding(model)
     preset = preset.with_overrides(tf_padding=use_tf, layers=tuple(layers) if layers else None)
-    return CNNFeatureExtractor(model.eval(), preset.layers, preset)
+    return CNNFeatureExtractor(
+        model.eval(), preset.layers, preset, None if weights is None else os.fspath(weights)
+    )
 
 
 def cnn_extractor(

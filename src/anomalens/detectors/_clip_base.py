@@ -34,8 +34,6 @@ class FrozenClipDetector(Detector):
         self,
         backbone: str | ClipBackbone,
         *,
-        pretrained: str | None,
-        precision: str | None,
         batch_size: int,
         layers: Sequence[int] | None,
         vv_start: int | None,
@@ -47,8 +45,6 @@ class FrozenClipDetector(Detector):
 
         Args:
             backbone: CLIP preset name or a ready ``ClipBackbone``.
-            pretrained: override of the preset's weights.
-            precision: backbone precision (see ``build_clip_backbone``).
             batch_size: images per forward pass (>= 1).
             layers: 1-indexed tapped blocks (None: ``default_layers(depth)``).
             vv_start: first block of the V-V path (None: ``default_vv_start(depth)``).
@@ -60,12 +56,9 @@ class FrozenClipDetector(Detector):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         from anomalens.backbones.clip import build_clip_backbone, check_taps
 
-        self.backbone, self.backbone_name = build_clip_backbone(
-            backbone,
-            pretrained=pretrained,
-            device=self.device,
-            precision=precision,  # type: ignore[arg-type]
-        )
+        # a preset name is built with the preset's own weights in fp32;
+        # ``create_detector(..., weights=..., precision=...)`` builds other variants
+        self.backbone, self.backbone_name = build_clip_backbone(backbone, device=self.device)
         self.backbone.eval().requires_grad_(False)
         # a ready ClipBackbone keeps its own dtype: record what actually runs
         self.precision = str(self.backbone.precision)

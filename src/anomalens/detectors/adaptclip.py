@@ -79,11 +79,7 @@ class AdaptCLIP(FrozenClipDetector):
             ``"adaptclip-vitb16plus-240@512"``) or a built ``ClipBackbone``.
         checkpoint: adapter weights: our safetensors file, or an official ``epoch_15.pth``
             (remapped by ``checkpoint_filter_fn``). None = untrained adapters (warns).
-        pretrained: override of the preset's CLIP weights (local file, tag or ``hf-hub:`` id).
         device: torch device.
-        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``); None = fp32 when
-            building from a preset name, the backbone's own for a given ``ClipBackbone`` (a
-            different explicit value is an error, not ignored). Adapters run fp32.
         batch_size: images per forward pass.
         layers: tapped blocks (1-indexed); default official for 24/12-block models.
         vv_start: first block of the V-V attention path; default official.
@@ -109,9 +105,7 @@ class AdaptCLIP(FrozenClipDetector):
         backbone: str | ClipBackbone = DEFAULT_BACKBONE,
         checkpoint: str | Path | None = None,
         *,
-        pretrained: str | None = None,
         device: str | torch.device = "cpu",
-        precision: str | None = None,
         batch_size: int = 8,
         layers: Sequence[int] | None = None,
         vv_start: int | None = None,
@@ -131,8 +125,6 @@ class AdaptCLIP(FrozenClipDetector):
             raise ValueError(f"fusion must be 'average_mean' or 'harmonic_mean', got {fusion!r}")
         self._init_clip(
             backbone,
-            pretrained=pretrained,
-            precision=precision,
             batch_size=batch_size,
             layers=layers,
             vv_start=vv_start,

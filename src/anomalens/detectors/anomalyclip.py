@@ -108,11 +108,7 @@ class AnomalyCLIP(FrozenClipDetector):
         backbone: CLIP preset name (default ``"adaptclip-vitl14-336@518"``) or a ``ClipBackbone``.
         checkpoint: prompt learner: our safetensors file, or an official ``epoch_15.pth``
             (remapped by ``checkpoint_filter_fn``). None = untrained prompts (warns).
-        pretrained: override of the preset's CLIP weights (local file, tag or ``hf-hub:`` id).
         device: torch device.
-        precision: backbone precision (``"fp32"``, ``"fp16"``, ``"bf16"``); None = fp32 when
-            building from a preset name, the backbone's own for a given ``ClipBackbone`` (a
-            different explicit value is an error, not ignored).
         batch_size: images per forward pass.
         layers: tapped blocks, 1-indexed (default: the last block, as the released results;
             the official test.py default is (6, 12, 18, 24)); per-layer maps are summed.
@@ -137,9 +133,7 @@ class AnomalyCLIP(FrozenClipDetector):
         backbone: str | ClipBackbone = DEFAULT_BACKBONE,
         checkpoint: str | Path | None = None,
         *,
-        pretrained: str | None = None,
         device: str | torch.device = "cpu",
-        precision: str | None = None,
         batch_size: int = 8,
         layers: Sequence[int] | None = None,
         vv_start: int | None = None,
@@ -156,8 +150,6 @@ class AnomalyCLIP(FrozenClipDetector):
         super().__init__(device)
         self._init_clip(
             backbone,
-            pretrained=pretrained,
-            precision=precision,
             batch_size=batch_size,
             layers=layers,
             vv_start=vv_start,

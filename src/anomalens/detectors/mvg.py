@@ -14,14 +14,14 @@ of this baseline exists in the literature read for the spec.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from anomalens.backbones.cnn import CNNFeatureExtractor, cnn_extractor
+from anomalens.backbones.cnn import CNNFeatureExtractor
+from anomalens.backbones.factory import build_backbone
 from anomalens.data.io import ImageLike
 from anomalens.detectors.base import Detector
 from anomalens.registry import register_detector
@@ -142,10 +142,10 @@ class GaussianMVG(Detector):
     """Few-shot Gaussian (Mahalanobis) detector with patch-level pooling (spec B.2 a).
 
     Args:
-        backbone: CNN preset name or a ready ``CNNFeatureExtractor``.
-        weights: backbone weights (None = preset default; path; enum name; ``"random"``).
-        layers: feature levels (default: the preset's two stages, strides 8 and 16).
-        tf_padding: TF SAME padding on stride-2 convs (default: the preset's).
+        backbone: a built ``CNNFeatureExtractor`` (``create_detector("mvg", backbone=NAME,
+            weights=..., layers=..., tf_padding=...)`` builds it; default layers: the preset's
+            two stages, strides 8 and 16), or a CNN preset name built with the preset's own
+            weights and layers.
         image_size: working size S (maps are S x S); 224 as for PatchCore.
         patch_size: p x p average pooling of each level before fitting and scoring (1 = none,
             PaDiM-like; 3 = PatchCore's locally aware features, better in our measurements).
@@ -163,9 +163,6 @@ class GaussianMVG(Detector):
     def __init__(
         self,
         backbone: str | CNNFeatureExtractor = "wide_resnet50_2",
-        weights: str | os.PathLike[str] | None = None,
-        layers: Sequence[str] | None = None,
-        tf_padding: bool | None = None,
         image_size: int = 224,
         patch_size: int = 3,
         min_shrinkage: float = 0.01,
@@ -184,10 +181,7 @@ class GaussianMVG(Detector):
             raise ValueError(f"mvg min_shrinkage must be in [0, 1], got {min_shrinkage}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.extractor = cnn_extractor(
-            backbone, weights=weights, layers=layers, tf_padding=tf_padding, device=self.device
-        )
-        self.weights = None if weights is None else os.fspath(weights)
+        self.extractor = build_backbone("cnn", backbone, device=self.device)
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
         self.min_shrinkage = float(min_shrinkage)
@@ -246,7 +240,7 @@ class GaussianMVG(Detector):
         cfg = super().config()
         cfg.update(self.extractor.describe())
         cfg.update(
-            weights=self.weights,
+            weights=self.extractor.weights,
             pooling="patch",
             patch_size=self.patch_size,
             min_shrinkage=self.min_shrinkage,

@@ -9,14 +9,14 @@ re-weighted score of the paper.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from anomalens.backbones.cnn import CNNFeatureExtractor, cnn_extractor
+from anomalens.backbones.cnn import CNNFeatureExtractor
+from anomalens.backbones.factory import build_backbone
 from anomalens.data.io import ImageLike
 from anomalens.detectors.base import Detector
 from anomalens.registry import register_detector
@@ -88,11 +88,10 @@ class PatchCore(Detector):
     """Few-shot PatchCore: nearest-neighbour distance to the K normal images' patch features.
 
     Args:
-        backbone: CNN preset name (``wide_resnet50_2``, ``resnet18``, ``mobilenet_v2_tf``, ...)
-            or a ready ``CNNFeatureExtractor`` (then ``weights/layers/tf_padding`` are unused).
-        weights: backbone weights (None = preset default; path; enum name; ``"random"``).
-        layers: feature layers, finest first (default: the preset's).
-        tf_padding: TF SAME padding on stride-2 convs (default: the preset's).
+        backbone: a built ``CNNFeatureExtractor`` (``create_detector("patchcore",
+            backbone=NAME, weights=..., layers=..., tf_padding=...)`` builds it), or a CNN preset
+            name (``wide_resnet50_2``, ``resnet18``, ``mobilenet_v2_tf``, ...) built with the
+            preset's own weights and layers.
         image_size: working size S: images are resized (squashed) to S x S and maps are S x S.
             Default 224: the official PatchCore input, the native size of the ImageNet CNNs,
             a multiple of 32 (TF padding exact), and a 28 x 28 patch grid.
@@ -118,9 +117,6 @@ class PatchCore(Detector):
     def __init__(
         self,
         backbone: str | CNNFeatureExtractor = "wide_resnet50_2",
-        weights: str | os.PathLike[str] | None = None,
-        layers: Sequence[str] | None = None,
-        tf_padding: bool | None = None,
         image_size: int = 224,
         reduction: str = "none",
         patch_size: int = 3,
@@ -148,10 +144,7 @@ class PatchCore(Detector):
             raise ValueError(f"image_size must be >= 32, got {image_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.extractor = cnn_extractor(
-            backbone, weights=weights, layers=layers, tf_padding=tf_padding, device=self.device
-        )
-        self.weights = None if weights is None else os.fspath(weights)
+        self.extractor = build_backbone("cnn", backbone, device=self.device)
         self.image_size = int(image_size)
         self.reduction = reduction
         self.patch_size = int(patch_size)
@@ -229,7 +222,7 @@ class PatchCore(Detector):
         cfg = super().config()
         cfg.update(self.extractor.describe())
         cfg.update(
-            weights=self.weights,
+            weights=self.extractor.weights,
             reduction=self.reduction,
             patch_size=self.patch_size,
             coreset_ratio=self.coreset_ratio,

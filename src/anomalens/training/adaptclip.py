@@ -199,7 +199,7 @@ def train_adaptclip(
     Returns:
         :class:`TrainResult`.
     """
-    from anomalens.detectors.adaptclip import AdaptCLIP
+    from anomalens.registry import create_detector
 
     if epochs < 1 or batch_size < 2 or checkpoint_every < 1:
         raise ValueError("need epochs >= 1, batch_size >= 2 and checkpoint_every >= 1")
@@ -212,8 +212,9 @@ def train_adaptclip(
         start = int(json.loads(state_file.read_text())["epoch"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="AdaptCLIP adapters are untrained")
-        det: AdaptCLIP = AdaptCLIP(
-            backbone,
+        det = create_detector(
+            "adaptclip",
+            backbone=backbone,
             checkpoint=(out / "last.safetensors") if start else init_checkpoint,
             device=device,
             precision=precision,
