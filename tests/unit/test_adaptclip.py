@@ -26,11 +26,11 @@ from anomalens.detectors._adaptclip_modules import (
     align_to_memory,
     fuse_few_shot,
     fuse_zero_shot,
-    harmonic_mean,
     patch_probability_maps,
     pqa_image_vector,
 )
 from anomalens.prompts.adaptclip import placeholder_prompt, static_sentences
+from anomalens.scoring.aggregate import harmonic_mean
 
 torch.set_num_threads(1)
 

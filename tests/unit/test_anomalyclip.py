@@ -28,11 +28,11 @@ from anomalens.detectors._anomalyclip_modules import (
     anomalyclip_scores,
     dice_loss,
     focal_loss,
-    image_logits,
     patch_text_probs,
     placeholder_prompts,
     similarity_maps,
 )
+from anomalens.scoring.similarity import image_logits
 
 
 @pytest.fixture(scope="module")

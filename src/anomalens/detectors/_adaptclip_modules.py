@@ -9,8 +9,9 @@ Modules (learnable, small):
 * ``PromptQueryAdapter`` (PQA): per-layer BatchNorm on ``q + |q - nearest normal patch|``, then one
   local head (2-channel map) and one global head (2 logits), both shared by all layers.
 
-Pure tensor functions (no state): text logits and probability maps, nearest-normal alignment,
-harmonic mean, zero- and few-shot fusion (smoothing: ``anomalens.scoring.maps.gaussian_smooth``,
+Pure tensor functions (no state): probability maps, nearest-normal alignment, zero- and few-shot
+fusion. The shared pieces live in ``anomalens.scoring``: ``image_logits`` and the temperature
+(``similarity``), ``harmonic_mean`` (``aggregate``), ``upsample`` and ``gaussian_smooth`` (``maps``;
 equal to scipy's ``gaussian_filter`` with its ``reflect`` border).
 Channel / column 0 is always *normal*, 1 *abnormal*.
 """
@@ -25,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.scoring.maps import gaussian_smooth
+from anomalens.scoring.aggregate import harmonic_mean
+from anomalens.scoring.maps import gaussian_smooth, upsample
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE, image_logits
 
 __all__ = [
     "ALIGN_CHUNK_ELEMENTS",
-    "DEFAULT_TEMPERATURE",
     "AdaptCLIPAdapters",
     "AdapterConfig",
     "FusionType",
@@ -41,16 +43,10 @@ __all__ = [
     "align_to_memory",
     "fuse_few_shot",
     "fuse_zero_shot",
-    "harmonic_mean",
-    "image_logits",
     "patch_probability_maps",
     "pqa_image_vector",
     "three_way_mean",
-    "upsample",
 ]
-
-#: Fixed softmax temperature of AdaptCLIP (CLIP's learned logit scale is not used).
-DEFAULT_TEMPERATURE = 0.07
 
 #: Largest (B, n, M) similarity block of one ``align_to_memory`` chunk (2**24 floats = 64 MiB).
 ALIGN_CHUNK_ELEMENTS = 2**24
@@ -310,25 +306,6 @@ class AdaptCLIPAdapters(nn.Module):
 
 
 # ============================================================================= pure functions
-def image_logits(
-    global_embedding: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    temperature: float = DEFAULT_TEMPERATURE,
-) -> torch.Tensor:
-    """Cosine logits of images against the two class texts.
-
-    Args:
-        global_embedding: (B, D) image embeddings (any norm).
-        text_embeddings: (2, D) normal / abnormal text embeddings (any norm).
-
-    Returns:
-        (B, 2) ``cos / temperature``.
-    """
-    g = F.normalize(global_embedding, dim=-1)
-    t = F.normalize(text_embeddings, dim=-1)
-    return g @ t.T / temperature
-
-
 def patch_probability_maps(
     patch_tokens: torch.Tensor,
     text_embeddings: torch.Tensor,
@@ -350,11 +327,6 @@ def patch_probability_maps(
     prob = (p @ t.T / temperature).softmax(dim=-1)[:, 1:]
     b = prob.shape[0]
     return prob.transpose(1, 2).reshape(b, 2, *grid_size)
-
-
-def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, C, h, w) maps (align_corners=False, no antialias)."""
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def align_to_memory(
@@ -411,11 +383,6 @@ def pqa_image_vector(features: torch.Tensor, topk: int = 10) -> torch.Tensor:
     flat = features.flatten(2)
     k = min(topk, flat.shape[-1])
     return 0.5 * (flat.mean(dim=-1) + flat.topk(k, dim=-1).values.mean(dim=-1))
-
-
-def harmonic_mean(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Element-wise harmonic mean ``n / sum(1 / x)`` along ``dim`` (zeros give 0 or NaN)."""
-    return values.shape[dim] / (1.0 / values).sum(dim=dim)
 
 
 def three_way_mean(values: torch.Tensor, fusion: FusionType = "average_mean") -> torch.Tensor:
@@ -493,11 +460,11 @@ def fuse_few_shot(
     pq_map = pq_maps.mean(dim=1)
     align = harmonic_mean(align_maps, dim=1)
     avg3 = three_way_mean(torch.stack([va_map, ta_map, pq_map]), fusion)
-    fused = harmonic_mean(torch.stack([avg3, align]), dim=0)
+    fused = harmonic_mean([avg3, align])
     smoothed = smooth(fused, sigma)
     peak = smoothed.flatten(1).amax(dim=1)
     image_avg3 = three_way_mean(torch.stack([va_score, ta_score, pq_scores.mean(dim=1)]), fusion)
-    score = harmonic_mean(torch.stack([image_avg3, peak]), dim=0)
+    score = harmonic_mean([image_avg3, peak])
     return {
         "pq_map": pq_map,
         "align_hm": align,

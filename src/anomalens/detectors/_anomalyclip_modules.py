@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.scoring.maps import gaussian_smooth
+from anomalens.scoring.maps import gaussian_smooth, upsample
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE, image_logits
 
 __all__ = [
     "ABNORMAL_TEMPLATE",
-    "DEFAULT_TEMPERATURE",
     "NORMAL_TEMPLATE",
     "AnomalyCLIPPromptLearner",
     "PromptConfig",
@@ -31,14 +31,11 @@ __all__ = [
     "anomalyclip_scores",
     "dice_loss",
     "focal_loss",
-    "image_logits",
     "patch_text_probs",
     "placeholder_prompts",
     "similarity_maps",
 ]
 
-#: Fixed softmax temperature of every image-text similarity (official 0.07).
-DEFAULT_TEMPERATURE = 0.07
 #: Class-free prompt words after the learnable context (normal, abnormal).
 NORMAL_TEMPLATE = "object"
 ABNORMAL_TEMPLATE = "damaged object"
@@ -172,24 +169,6 @@ class AnomalyCLIPPromptLearner(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 
-def image_logits(
-    global_embedding: torch.Tensor, text: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE
-) -> torch.Tensor:
-    """Image-text logits ``ĝ · t̂ / τ``.
-
-    Args:
-        global_embedding: (B, D) image embeddings (any norm).
-        text: (2, D) text embeddings (normal, abnormal; any norm).
-        temperature: τ.
-
-    Returns:
-        (B, 2) logits [normal, abnormal].
-    """
-    g = F.normalize(global_embedding, dim=-1)
-    t = F.normalize(text, dim=-1)
-    return g @ t.t() / temperature
-
-
 def patch_text_probs(
     patch_tokens: torch.Tensor, text: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE
 ) -> torch.Tensor:
@@ -226,7 +205,7 @@ def similarity_maps(
     if length != 1 + h * w:
         raise ValueError(f"probs has {length} rows, expected 1 + {h}*{w} for grid {grid_size}")
     grid = probs[:, 1:].reshape(b, h, w, c).permute(0, 3, 1, 2)
-    return F.interpolate(grid, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return upsample(grid, image_size)
 
 
 def anomaly_map_from_probs(maps: torch.Tensor) -> torch.Tensor:

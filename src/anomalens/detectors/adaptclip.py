@@ -30,7 +30,6 @@ from anomalens.detectors._adaptclip_checkpoint import (
     save_adapter_checkpoint,
 )
 from anomalens.detectors._adaptclip_modules import (
-    DEFAULT_TEMPERATURE,
     AdaptCLIPAdapters,
     AdapterConfig,
     FusionType,
@@ -41,6 +40,7 @@ from anomalens.detectors._adaptclip_modules import (
 from anomalens.detectors._clip_base import FrozenClipDetector
 from anomalens.prompts.adaptclip import placeholder_prompt, static_sentences
 from anomalens.registry import register_detector
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE
 from anomalens.types import LearningType, Prediction
 
 if TYPE_CHECKING:

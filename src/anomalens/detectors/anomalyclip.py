@@ -28,7 +28,6 @@ from anomalens.detectors._anomalyclip_checkpoint import (
     save_prompt_checkpoint,
 )
 from anomalens.detectors._anomalyclip_modules import (
-    DEFAULT_TEMPERATURE,
     AnomalyCLIPPromptLearner,
     PromptConfig,
     anomalyclip_scores,
@@ -36,6 +35,7 @@ from anomalens.detectors._anomalyclip_modules import (
 )
 from anomalens.detectors._clip_base import FrozenClipDetector
 from anomalens.registry import register_detector
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE
 from anomalens.types import LearningType, Prediction
 
 if TYPE_CHECKING:
