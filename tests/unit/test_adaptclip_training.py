@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalens.training.adaptclip import dice_loss, focal_loss, head_loss, train_adaptclip
+from anomalens.training.adaptclip import train_adaptclip
+from anomalens.training.losses import dice_loss, focal_loss, head_loss
 from anomalens.types import Sample
 
 torch.set_num_threads(1)

@@ -24,15 +24,13 @@ from anomalens.detectors._anomalyclip_modules import (
     AnomalyCLIPPromptLearner,
     PromptConfig,
     anomaly_map_from_probs,
-    anomalyclip_loss,
     anomalyclip_scores,
-    dice_loss,
-    focal_loss,
     patch_text_probs,
     placeholder_prompts,
     similarity_maps,
 )
 from anomalens.scoring.similarity import image_logits
+from anomalens.training.losses import anomalyclip_loss, dice_loss, focal_loss
 
 
 @pytest.fixture(scope="module")

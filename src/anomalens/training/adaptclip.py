@@ -33,68 +33,14 @@ import torch.nn.functional as F
 from anomalens.data.io import load_image, load_mask
 from anomalens.data.transforms import resize_mask
 from anomalens.detectors._adaptclip_modules import adaptclip_heads
+from anomalens.training.losses import head_loss
 from anomalens.types import Sample
 
 if TYPE_CHECKING:
     from anomalens.backbones.clip import ClipBackbone
     from anomalens.detectors.adaptclip import AdaptCLIP
 
-__all__ = ["TrainResult", "dice_loss", "focal_loss", "head_loss", "train_adaptclip"]
-
-
-# ===================================================================================== losses
-def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Focal loss on probabilities (official form: smoothed one-hot, no alpha).
-
-    Args:
-        probs: (B, 2, H, W) class probabilities (channel 1 = abnormal).
-        target: (B, H, W) {0, 1} mask.
-
-    Returns:
-        scalar: mean over pixels of ``-(1 - p_t)^gamma log p_t`` with
-        ``p_t = sum_c clamp(onehot, 1e-5, 1 - 1e-5)_c p_c + 1e-5``.
-    """
-    onehot = F.one_hot(target.long(), 2).permute(0, 3, 1, 2).to(probs.dtype)
-    onehot = onehot.clamp(1e-5, 1.0 - 1e-5)
-    pt = (onehot * probs).sum(dim=1) + 1e-5
-    return (-((1.0 - pt) ** gamma) * pt.log()).mean()
-
-
-def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft Dice loss per image, averaged over the batch.
-
-    Args:
-        prob: (B, H, W) probabilities.
-        target: (B, H, W) {0, 1} mask.
-
-    Returns:
-        scalar ``mean_b 1 - (2 sum(p g) + 1) / (sum p + sum g + 1)``.
-    """
-    p = prob.flatten(1)
-    g = target.flatten(1).to(prob.dtype)
-    return (1.0 - (2.0 * (p * g).sum(1) + 1.0) / (p.sum(1) + g.sum(1) + 1.0)).mean()
-
-
-def head_loss(
-    logits: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Losses of one head.
-
-    Args:
-        logits: (B, 2) image logits.
-        maps: (B, 2, S, S) probability maps.
-        labels: (B,) long {0, 1}.
-        masks: (B, S, S) {0, 1}.
-
-    Returns:
-        ``global`` (cross-entropy) and ``local`` (focal + both Dice terms) scalars.
-    """
-    local = (
-        focal_loss(maps, masks)
-        + dice_loss(maps[:, 1], masks)
-        + dice_loss(maps[:, 0], 1.0 - masks.to(maps.dtype))
-    )
-    return {"global": F.cross_entropy(logits, labels), "local": local}
+__all__ = ["TrainResult", "train_adaptclip"]
 
 
 # ======================================================================================= data

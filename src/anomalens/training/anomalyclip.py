@@ -38,10 +38,7 @@ from anomalens.detectors._anomalyclip_checkpoint import (
     save_prompt_checkpoint,
 )
 from anomalens.detectors._anomalyclip_modules import (
-    DEFAULT_TEMPERATURE,
     PromptConfig,
-    anomalyclip_loss,
-    image_logits,
     patch_text_probs,
     similarity_maps,
 )
@@ -53,6 +50,8 @@ from anomalens.detectors.anomalyclip import (
     default_vv_start,
     encode_prompts,
 )
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE, image_logits
+from anomalens.training.losses import anomalyclip_loss
 from anomalens.types import Sample
 
 __all__ = ["FINAL_NAME", "train_anomalyclip"]
