@@ -295,7 +295,7 @@ class AdaptCLIP(FrozenClipDetector):
         Raises:
             ValueError: the checkpoint's sizes do not fit this backbone / these layers.
         """
-        state, metadata = load_adapter_checkpoint(path)
+        state, info = load_adapter_checkpoint(path)
         config = config_from_state_dict(state)
         expected = {
             "embed_dim": int(self.static_text.shape[-1]),
@@ -312,9 +312,7 @@ class AdaptCLIP(FrozenClipDetector):
         adapters = AdaptCLIPAdapters(config, pq_context=self.pq_context)
         adapters.load_state_dict(state, strict=True)
         self.adapters = adapters.to(self.device).eval()
-        self.adapter_source = (
-            "anomalens" if metadata.get("format", "").startswith("anomalens") else "official"
-        )
+        self.adapter_source = "anomalens" if info.ours else "official"
         self.checkpoint_path = str(path)
         self._ta_text = None
 

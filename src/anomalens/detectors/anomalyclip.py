@@ -22,7 +22,6 @@ import torch
 
 from anomalens.data.io import ImageLike
 from anomalens.detectors._anomalyclip_checkpoint import (
-    CHECKPOINT_FORMAT,
     config_from_state_dict,
     load_prompt_checkpoint,
     save_prompt_checkpoint,
@@ -253,7 +252,7 @@ class AnomalyCLIP(FrozenClipDetector):
         Raises:
             ValueError: the checkpoint's sizes do not fit this backbone.
         """
-        state, metadata = load_prompt_checkpoint(path)
+        state, info = load_prompt_checkpoint(path)
         config = config_from_state_dict(state)
         try:
             learner = build_prompt_learner(self.backbone, config, self.fp16_deep_prompts)
@@ -263,9 +262,7 @@ class AnomalyCLIP(FrozenClipDetector):
             ) from exc
         learner.load_state_dict(state, strict=True)
         self.prompt_learner = learner.to(self.device).eval()
-        self.prompt_source = (
-            "anomalens" if metadata.get("format") == CHECKPOINT_FORMAT else "official"
-        )
+        self.prompt_source = "anomalens" if info.ours else "official"
         self.checkpoint_path = str(path)
         self._text = None
 
