@@ -33,9 +33,11 @@ from anomalens.scoring.similarity import DEFAULT_TEMPERATURE, image_logits
 __all__ = [
     "ALIGN_CHUNK_ELEMENTS",
     "AdaptCLIPAdapters",
+    "AdaptCLIPHeads",
     "AdapterConfig",
     "FusionType",
     "PromptQueryAdapter",
+    "PromptQueryHeads",
     "ResidualBottleneck",
     "TextualAdapter",
     "VisualAdapter",
@@ -478,6 +480,66 @@ def fuse_few_shot(
 
 
 # ================================================================================ all heads
+@dataclass(frozen=True)
+class PromptQueryHeads:
+    """Outputs of the prompt-query adapter (few-shot only), L = tapped layers.
+
+    Attributes:
+        logits: (B, L, 2) image logits per layer.
+        maps: (B, L, 2, S, S) probability maps per layer (softmax, then upsampled).
+        align_lowres: (B, L, h, w) nearest-normal cosine distances at token resolution.
+        align: (B, L, S, S) the same, upsampled.
+        image_vector: (B, L, D) input of the global head.
+    """
+
+    logits: torch.Tensor
+    maps: torch.Tensor
+    align_lowres: torch.Tensor
+    align: torch.Tensor
+    image_vector: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AdaptCLIPHeads:
+    """Logits and 2-channel probability maps of every AdaptCLIP head (channel 0 normal).
+
+    Attributes:
+        va_logits, ta_logits: (B, 2) image logits of the visual / textual adapter.
+        va_map_lowres, ta_map_lowres: (B, 2, h, w) maps at token resolution.
+        va_map, ta_map: (B, 2, S, S) the same, upsampled.
+        pq: prompt-query outputs, or None in zero-shot mode (no memory).
+    """
+
+    va_logits: torch.Tensor
+    ta_logits: torch.Tensor
+    va_map_lowres: torch.Tensor
+    ta_map_lowres: torch.Tensor
+    va_map: torch.Tensor
+    ta_map: torch.Tensor
+    pq: PromptQueryHeads | None = None
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Flat ``{name: tensor}``: the VA/TA fields by name; with ``pq``, also ``pq_logits``,
+        ``pq_maps``, ``align_lowres``, ``align`` and ``pq_image_vector``."""
+        out = {
+            "va_logits": self.va_logits,
+            "ta_logits": self.ta_logits,
+            "va_map_lowres": self.va_map_lowres,
+            "ta_map_lowres": self.ta_map_lowres,
+            "va_map": self.va_map,
+            "ta_map": self.ta_map,
+        }
+        if self.pq is not None:
+            out.update(
+                pq_logits=self.pq.logits,
+                pq_maps=self.pq.maps,
+                align_lowres=self.pq.align_lowres,
+                align=self.pq.align,
+                pq_image_vector=self.pq.image_vector,
+            )
+        return out
+
+
 def adaptclip_heads(
     adapters: AdaptCLIPAdapters,
     patch_tokens: list[torch.Tensor],
@@ -488,7 +550,7 @@ def adaptclip_heads(
     ta_text: torch.Tensor,
     memory: list[torch.Tensor] | None = None,
     temperature: float = DEFAULT_TEMPERATURE,
-) -> dict[str, torch.Tensor]:
+) -> AdaptCLIPHeads:
     """Logits and 2-channel probability maps of every AdaptCLIP head (differentiable).
 
     VA scores the adapted global embedding / last-layer tokens against the static anchors; TA
@@ -506,30 +568,30 @@ def adaptclip_heads(
         memory: per layer the normal patches (M, D) or (B, M, D), L2-normalised, or None.
 
     Returns:
-        ``va_logits``/``ta_logits`` (B, 2), ``va_map_lowres``/``ta_map_lowres`` (B, 2, h, w),
-        ``va_map``/``ta_map`` (B, 2, S, S); with memory also ``pq_logits`` (B, L, 2),
-        ``pq_maps`` (B, L, 2, S, S), ``align_lowres`` (B, L, h, w), ``align`` (B, L, S, S),
-        ``pq_image_vector`` (B, L, D).
+        :class:`AdaptCLIPHeads` (``pq`` set only with ``memory``).
     """
     last = patch_tokens[-1]
     g_va, p_va = adapters.visual(global_embedding, last)
     va_low = patch_probability_maps(p_va, static_text, grid_size, temperature)
     ta_low = patch_probability_maps(last, ta_text, grid_size, temperature)
-    out = {
-        "va_logits": image_logits(g_va, static_text, temperature),
-        "ta_logits": image_logits(global_embedding, ta_text, temperature),
-        "va_map_lowres": va_low,
-        "ta_map_lowres": ta_low,
-        "va_map": upsample(va_low, image_size),
-        "ta_map": upsample(ta_low, image_size),
-    }
+    pq_heads = None
     if memory is not None:
         pq = adapters.prompt_query(patch_tokens, memory, grid_size)
         b, num, c, h, w = pq["map_logits"].shape
         probs = pq["map_logits"].reshape(b * num, c, h, w).softmax(dim=1)
-        out["pq_logits"] = pq["logits"]
-        out["pq_maps"] = upsample(probs, image_size).reshape(b, num, c, image_size, image_size)
-        out["align_lowres"] = pq["align"]
-        out["align"] = upsample(pq["align"], image_size)
-        out["pq_image_vector"] = pq["image_vector"]
-    return out
+        pq_heads = PromptQueryHeads(
+            logits=pq["logits"],
+            maps=upsample(probs, image_size).reshape(b, num, c, image_size, image_size),
+            align_lowres=pq["align"],
+            align=upsample(pq["align"], image_size),
+            image_vector=pq["image_vector"],
+        )
+    return AdaptCLIPHeads(
+        va_logits=image_logits(g_va, static_text, temperature),
+        ta_logits=image_logits(global_embedding, ta_text, temperature),
+        va_map_lowres=va_low,
+        ta_map_lowres=ta_low,
+        va_map=upsample(va_low, image_size),
+        ta_map=upsample(ta_low, image_size),
+        pq=pq_heads,
+    )

@@ -220,7 +220,7 @@ class AdaptCLIP(FrozenClipDetector):
         """All heads and the fusion for encoded images (see ``adaptclip_heads``).
 
         Returns:
-            the head outputs plus ``anomaly_map`` (B, S, S), ``image_score`` (B,) and the
+            the head outputs (``AdaptCLIPHeads.to_dict()``) plus ``anomaly_map`` (B, S, S), ``image_score`` (B,) and the
             per-head abnormal probabilities ``va_score``, ``ta_score`` (B,), ``pq_score`` (B,).
         """
         heads = adaptclip_heads(
@@ -234,21 +234,21 @@ class AdaptCLIP(FrozenClipDetector):
             self._memory,
             self.temperature,
         )
-        va_score = heads["va_logits"].softmax(-1)[:, 1]
-        ta_score = heads["ta_logits"].softmax(-1)[:, 1]
-        out = dict(heads, va_score=va_score, ta_score=ta_score)
-        if self._memory is None:
+        va_score = heads.va_logits.softmax(-1)[:, 1]
+        ta_score = heads.ta_logits.softmax(-1)[:, 1]
+        out = dict(heads.to_dict(), va_score=va_score, ta_score=ta_score)
+        if heads.pq is None:
             fused = fuse_zero_shot(
-                heads["va_map"][:, 1], heads["ta_map"][:, 1], va_score, ta_score, self.sigma
+                heads.va_map[:, 1], heads.ta_map[:, 1], va_score, ta_score, self.sigma
             )
         else:
-            pq_scores = heads["pq_logits"].softmax(-1)[..., 1]
+            pq_scores = heads.pq.logits.softmax(-1)[..., 1]
             out["pq_score"] = pq_scores.mean(dim=1)
             fused = fuse_few_shot(
-                heads["va_map"][:, 1],
-                heads["ta_map"][:, 1],
-                heads["pq_maps"][:, :, 1],
-                heads["align"],
+                heads.va_map[:, 1],
+                heads.ta_map[:, 1],
+                heads.pq.maps[:, :, 1],
+                heads.pq.align,
                 va_score,
                 ta_score,
                 pq_scores,

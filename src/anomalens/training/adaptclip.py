@@ -241,14 +241,13 @@ def _train_step(
         memory,
         det.temperature,
     )
+    assert heads.pq is not None  # memory was given
     parts = {
-        "va": head_loss(heads["va_logits"], heads["va_map"], labels, masks),
-        "ta": head_loss(heads["ta_logits"], heads["ta_map"], labels, masks),
+        "va": head_loss(heads.va_logits, heads.va_map, labels, masks),
+        "ta": head_loss(heads.ta_logits, heads.ta_map, labels, masks),
     }
     for i, layer in enumerate(det.layers):
-        parts[f"pq{layer}"] = head_loss(
-            heads["pq_logits"][:, i], heads["pq_maps"][:, i], labels, masks
-        )
+        parts[f"pq{layer}"] = head_loss(heads.pq.logits[:, i], heads.pq.maps[:, i], labels, masks)
     total = sum(p["global"] + p["local"] for p in parts.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()  # type: ignore[union-attr]
