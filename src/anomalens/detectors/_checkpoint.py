@@ -33,6 +33,7 @@ __all__ = [
     "CheckpointInfo",
     "parse_metadata",
     "read_checkpoint_file",
+    "read_info",
     "save_checkpoint",
 ]
 
@@ -144,6 +145,26 @@ def parse_metadata(metadata: Mapping[str, str]) -> CheckpointInfo:
     except ValueError as exc:  # json.JSONDecodeError and int() both are ValueErrors
         raise ValueError(f"unreadable anomalens checkpoint metadata ({exc})") from exc
     return CheckpointInfo()
+
+
+def read_info(path: str | Path) -> CheckpointInfo:
+    """What a safetensors checkpoint says about itself, without reading its tensors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable anomalens metadata (the message names the file).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+    try:
+        return parse_metadata(metadata)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from exc
 
 
 def read_checkpoint_file(
