@@ -140,18 +140,30 @@ def test_bad_settings_and_progress_callback(tmp_path: Path) -> None:
 
 
 def test_recipes_leave_the_global_generators_alone(tmp_path: Path) -> None:
-    from test_adaptclip_training import _dataset  # the two-category set of the recipe's tests
+    from test_adaptclip_training import _dataset  # the data sets of the recipes' own tests
+    from test_anomalyclip_training import make_square_defect_samples
 
     from anomalens.backbones.tiny import make_tiny_clip
     from anomalens.training.adaptclip import AdaptCLIPTrainConfig, train_adaptclip
+    from anomalens.training.anomalyclip import AnomalyCLIPTrainConfig, train_anomalyclip
 
     samples = _dataset(tmp_path)
-    backbone = make_tiny_clip(seed=0, image_size=32)
+    squares = make_square_defect_samples(tmp_path / "sq", "noise", 6, 7)
     torch.manual_seed(5)
     random.seed(5)
     before = torch.random.get_rng_state(), random.getstate()
     train_adaptclip(
-        samples, backbone, tmp_path / "run", AdaptCLIPTrainConfig(epochs=2, batch_size=4)
+        samples,
+        make_tiny_clip(seed=0, image_size=32),
+        tmp_path / "a",
+        AdaptCLIPTrainConfig(epochs=2, batch_size=4),
+    )
+    train_anomalyclip(
+        squares,
+        make_tiny_clip(seed=1, image_size=64),
+        tmp_path / "p",
+        AnomalyCLIPTrainConfig(epochs=1, batch_size=3),
+        progress=False,
     )
     assert torch.equal(torch.random.get_rng_state(), before[0])
     assert random.getstate() == before[1]

@@ -31,6 +31,7 @@ from anomalens.detectors._adaptclip_checkpoint import (
 )
 from anomalens.detectors._adaptclip_modules import (
     AdaptCLIPAdapters,
+    AdaptCLIPHeads,
     AdapterConfig,
     FusionType,
     adaptclip_heads,
@@ -216,24 +217,37 @@ class AdaptCLIP(FrozenClipDetector):
                 per_layer[i].append(F.normalize(tokens[:, 1:].float(), dim=-1).flatten(0, 1))
         self._memory = [torch.cat(chunks) for chunks in per_layer]
 
-    def score_features(self, feats: Any) -> dict[str, torch.Tensor]:
-        """All heads and the fusion for encoded images (see ``adaptclip_heads``).
+    def heads(
+        self, feats: Any, ta_text: torch.Tensor, memory: list[torch.Tensor] | None
+    ) -> AdaptCLIPHeads:
+        """Every head on encoded images (differentiable in the adapters; see ``adaptclip_heads``).
 
-        Returns:
-            the head outputs (``AdaptCLIPHeads.to_dict()``) plus ``anomaly_map`` (B, S, S), ``image_score`` (B,) and the
-            per-head abnormal probabilities ``va_score``, ``ta_score`` (B,), ``pq_score`` (B,).
+        Args:
+            feats: output of :meth:`encode`.
+            ta_text: (2, D) TA text embeddings (cached ones, or fresh ones while training).
+            memory: per layer the L2-normalised normal patches, or None (zero-shot).
         """
-        heads = adaptclip_heads(
+        return adaptclip_heads(
             self.adapters,
             [t.float() for t in feats.patch_tokens],
             feats.global_embedding.float(),
             tuple(feats.grid_size),
             self.image_size,
             self.static_text,
-            self._text(),
-            self._memory,
+            ta_text,
+            memory,
             self.temperature,
         )
+
+    def score_features(self, feats: Any) -> dict[str, torch.Tensor]:
+        """All heads and the fusion for encoded images (see ``adaptclip_heads``).
+
+        Returns:
+            the head outputs (``AdaptCLIPHeads.to_dict()``) plus ``anomaly_map`` (B, S, S),
+            ``image_score`` (B,) and the per-head abnormal probabilities ``va_score``,
+            ``ta_score`` (B,), ``pq_score`` (B,).
+        """
+        heads = self.heads(feats, self._text(), self._memory)
         va_score = heads.va_logits.softmax(-1)[:, 1]
         ta_score = heads.ta_logits.softmax(-1)[:, 1]
         out = dict(heads.to_dict(), va_score=va_score, ta_score=ta_score)

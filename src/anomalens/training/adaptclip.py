@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from anomalens.data.io import load_image
 from anomalens.detectors._adaptclip_checkpoint import save_adapter_checkpoint
-from anomalens.detectors._adaptclip_modules import AdaptCLIPAdapters, adaptclip_heads
+from anomalens.detectors._adaptclip_modules import AdaptCLIPAdapters
 from anomalens.training._loop import (
     ProgressFn,
     TrainConfig,
@@ -158,17 +158,7 @@ class _AdaptCLIPRecipe:
         memory = [F.normalize(t[:, 1:].float(), dim=-1) for t in prompt_feats.patch_tokens]
         labels = torch.tensor([int(q.label > 0) for q in queries], device=det.device)
         masks = load_masks(queries, det.image_size).to(det.device)
-        heads = adaptclip_heads(
-            det.adapters,
-            [t.float() for t in feats.patch_tokens],
-            feats.global_embedding.float(),
-            tuple(feats.grid_size),
-            det.image_size,
-            det.static_text,
-            det.ta_text_embeddings(),
-            memory,
-            det.temperature,
-        )
+        heads = det.heads(feats, det.ta_text_embeddings(), memory)
         assert heads.pq is not None  # memory was given
         parts = {
             "va": head_loss(heads.va_logits, heads.va_map, labels, masks),
