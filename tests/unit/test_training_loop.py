@@ -134,6 +134,10 @@ def test_bad_settings_and_progress_callback(tmp_path: Path) -> None:
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="checkpoint_every_steps=0"):
         TrainConfig(checkpoint_every_steps=0)
+    empty = ToyRecipe()
+    empty.plan = lambda epoch: []  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="no batch"):
+        run_training(empty, tmp_path / "empty", _config(), SETTINGS)
     rows: list[dict[str, float]] = []
     run_training(ToyRecipe(), tmp_path, _config(epochs=1), SETTINGS, progress=rows.append)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -297,8 +297,14 @@ def run_training(
         :class:`TrainResult`.
 
     Raises:
-        ValueError: a resume state with other settings, or one that already ran more epochs.
+        ValueError: no batch to train on, a resume state with other settings, or one that
+            already ran more epochs.
     """
+    if not recipe.plan(0):
+        raise ValueError(
+            f"nothing to train on: no batch of batch_size={config.batch_size} can be formed "
+            "from the samples given"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(dict(settings)))  # the form it takes in the state file
