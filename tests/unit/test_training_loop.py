@@ -76,6 +76,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path)
     state = json.loads((tmp_path / "b" / "train_state.json").read_text())
     assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 6)
     assert not (tmp_path / "b" / "final.safetensors").exists()
+    with (tmp_path / "b" / "log.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "step": 7, "lo')  # a line cut short by the interruption
     resumed = run_training(ToyRecipe(), tmp_path / "b", _config(), SETTINGS)
     assert resumed.resumed_from == 1 and resumed.steps == 12
     a = read_checkpoint_file(straight.checkpoint, "toy", "toy", dict)[0]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens._fileio import atomic_write_bytes, atomic_write_json
+from anomalens._fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from anomalens.data.io import load_mask
 from anomalens.data.transforms import resize_mask
 from anomalens.detectors._checkpoint import read_info
@@ -251,25 +251,29 @@ def _read_resume_state(out: Path, settings: Mapping[str, Any]) -> dict[str, Any]
     return {"epoch": epoch, "batch": batch, "step": step}
 
 
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """Rows of the loss log; a line cut short by an interruption is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Keep the log lines of steps <= ``last_step`` (drop the steps redone after a resume)."""
-    if not path.is_file():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= last_step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    """Keep the log rows of steps <= ``last_step`` (drop the steps redone after a resume)."""
+    keep = [r for r in _read_log(path) if r.get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _epoch_losses(path: Path) -> list[float]:
+    """Mean ``loss`` of every epoch in the loss log."""
     per_epoch: dict[int, list[float]] = defaultdict(list)
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                per_epoch[int(row["epoch"])].append(float(row["loss"]))
+    for row in _read_log(path):
+        per_epoch[int(row["epoch"])].append(float(row["loss"]))
     return [sum(v) / len(v) for _, v in sorted(per_epoch.items())]
 
 
