@@ -120,7 +120,7 @@ def run_learning_experiment(
     """
     from anomalens.backbones.tiny import make_tiny_clip
     from anomalens.detectors.adaptclip import AdaptCLIP
-    from anomalens.training.adaptclip import train_adaptclip
+    from anomalens.training.adaptclip import AdaptCLIPTrainConfig, train_adaptclip
 
     root.mkdir(parents=True, exist_ok=True)
     train = make_synthetic_samples(
@@ -143,12 +143,14 @@ def run_learning_experiment(
         train,
         backbone,
         root / "run",
-        epochs=epochs,
-        batch_size=8,
-        lr=lr,
-        seed=train_seed,
-        checkpoint_every=epochs,
-        resume=False,
+        AdaptCLIPTrainConfig(
+            epochs=epochs,
+            batch_size=8,
+            lr=lr,
+            seed=train_seed,
+            checkpoint_every=epochs,
+            resume=False,
+        ),
     )
     det = AdaptCLIP(backbone, checkpoint=result.checkpoint, batch_size=32)
     out["trained"] = {"zero": evaluate(det, test, 0), "one": evaluate(det, test, 1)}

@@ -30,11 +30,11 @@ from anomalens.detectors._adaptclip_modules import (
     AdaptCLIPAdapters,
     fuse_few_shot,
     fuse_zero_shot,
-    harmonic_mean,
-    image_logits,
     patch_probability_maps,
-    upsample,
 )
+from anomalens.scoring.aggregate import harmonic_mean
+from anomalens.scoring.maps import upsample
+from anomalens.scoring.similarity import image_logits
 
 pytestmark = pytest.mark.shared
 

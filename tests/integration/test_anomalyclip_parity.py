@@ -33,10 +33,10 @@ from anomalens.detectors._anomalyclip_checkpoint import (
 )
 from anomalens.detectors._anomalyclip_modules import (
     anomaly_map_from_probs,
-    image_logits,
     placeholder_prompts,
 )
 from anomalens.scoring.maps import gaussian_smooth
+from anomalens.scoring.similarity import image_logits
 
 pytestmark = pytest.mark.shared
 

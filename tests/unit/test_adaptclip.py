@@ -26,11 +26,11 @@ from anomalens.detectors._adaptclip_modules import (
     align_to_memory,
     fuse_few_shot,
     fuse_zero_shot,
-    harmonic_mean,
     patch_probability_maps,
     pqa_image_vector,
 )
 from anomalens.prompts.adaptclip import placeholder_prompt, static_sentences
+from anomalens.scoring.aggregate import harmonic_mean
 
 torch.set_num_threads(1)
 
@@ -268,10 +268,10 @@ def test_save_and_load_official_pth_and_safetensors(tmp_path: Path) -> None:
     pth = tmp_path / "epoch_15.pth"
     torch.save(official_state_dict(adapters), pth)
     sd, meta = load_adapter_checkpoint(pth)
-    assert meta == {}
+    assert not meta.ours and meta.config == {}
     st = save_adapter_checkpoint(tmp_path / "a.safetensors", sd, config_from_state_dict(sd))
     sd2, meta2 = load_adapter_checkpoint(st)
-    assert meta2["format"].startswith("anomalens")
+    assert meta2.ours and meta2.config == adapters.config.to_dict()
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     with pytest.raises(FileNotFoundError):
         load_adapter_checkpoint(tmp_path / "missing.pth")
@@ -404,3 +404,26 @@ def test_config_reports_the_precision_the_given_backbone_runs_in() -> None:
     with pytest.warns(UserWarning, match="untrained"):
         det = AdaptCLIP(bb)  # precision option left at its default "fp32"
     assert det.config()["precision"] == "bf16"
+
+
+def test_heads_are_a_typed_record_with_prompt_query_only_few_shot(detector) -> None:  # type: ignore[no-untyped-def]
+    from anomalens.detectors._adaptclip_modules import AdaptCLIPHeads, adaptclip_heads
+
+    feats = detector.encode(images(2, 5))
+    tokens = [t.float() for t in feats.patch_tokens]
+    args = (tokens, feats.global_embedding.float(), tuple(feats.grid_size), 64)
+    text = (detector.static_text, detector.ta_text_embeddings())
+    with torch.no_grad():
+        zero = adaptclip_heads(detector.adapters, *args, *text)
+        memory = [F.normalize(t[:, 1:], dim=-1).flatten(0, 1) for t in tokens]
+        few = adaptclip_heads(detector.adapters, *args, *text, memory=memory)
+    assert isinstance(zero, AdaptCLIPHeads) and zero.pq is None
+    assert zero.va_logits.shape == (2, 2) and zero.ta_map.shape == (2, 2, 64, 64)
+    assert zero.va_map_lowres.shape == (2, 2, *feats.grid_size)
+    assert len(zero.to_dict()) == 6 and len(few.to_dict()) == 11
+    assert few.pq is not None
+    assert few.pq.logits.shape == (2, 4, 2) and few.pq.maps.shape == (2, 4, 2, 64, 64)
+    assert few.pq.align.shape == (2, 4, 64, 64)
+    # a query that is its own memory is at distance ~0 everywhere
+    assert few.pq.align_lowres.abs().max() < 1e-5
+    assert torch.equal(zero.va_map, few.va_map)  # VA / TA do not depend on the memory

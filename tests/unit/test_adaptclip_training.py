@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalens.training.adaptclip import dice_loss, focal_loss, head_loss, train_adaptclip
+from anomalens.training.adaptclip import AdaptCLIPTrainConfig, train_adaptclip
+from anomalens.training.losses import dice_loss, focal_loss, head_loss
 from anomalens.types import Sample
 
 torch.set_num_threads(1)
@@ -63,14 +64,18 @@ def test_train_checkpoints_and_resume(tmp_path: Path) -> None:
     samples = _dataset(tmp_path)
     backbone = make_tiny_clip(seed=0, image_size=32)
     out = tmp_path / "run"
-    first = train_adaptclip(samples, backbone, out, epochs=1, batch_size=4, seed=3)
+    first = train_adaptclip(
+        samples, backbone, out, AdaptCLIPTrainConfig(epochs=1, batch_size=4, seed=3)
+    )
     assert first.epochs == 1 and first.resumed_from == 0
     assert (out / "epoch_001.safetensors").is_file() and first.checkpoint.is_file()
     rows = [json.loads(r) for r in (out / "loss_log.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"loss", "va_local", "ta_global", "pq4_local"} <= set(rows[0])
     before, _ = load_adapter_checkpoint(out / "epoch_001.safetensors")
     # resume: continues at epoch 2, keeps the epoch-1 log, and every adapter learns
-    second = train_adaptclip(samples, backbone, out, epochs=2, batch_size=4, seed=3)
+    second = train_adaptclip(
+        samples, backbone, out, AdaptCLIPTrainConfig(epochs=2, batch_size=4, seed=3)
+    )
     assert second.resumed_from == 1 and second.epochs == 2 and len(second.epoch_losses) == 2
     assert len((out / "loss_log.jsonl").read_text().splitlines()) == 4
     after, _ = load_adapter_checkpoint(out / "epoch_002.safetensors")
@@ -90,4 +95,42 @@ def test_train_checkpoints_and_resume(tmp_path: Path) -> None:
 def test_training_needs_test_queries(tmp_path: Path) -> None:
     samples = [s for s in _dataset(tmp_path) if s.split == "train"]
     with pytest.raises(ValueError, match="test"):
-        train_adaptclip(samples, "anomalens-tiny-clip@64", tmp_path / "x", epochs=1)
+        train_adaptclip(
+            samples, "anomalens-tiny-clip@64", tmp_path / "x", AdaptCLIPTrainConfig(epochs=1)
+        )
+
+
+def test_mid_epoch_resume_equals_an_uninterrupted_run_and_settings_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalens.backbones.tiny import make_tiny_clip
+    from anomalens.training import adaptclip as recipe_module
+
+    samples = _dataset(tmp_path)
+    backbone = make_tiny_clip(seed=0, image_size=32)
+    config = AdaptCLIPTrainConfig(epochs=2, batch_size=4, seed=3, checkpoint_every_steps=1)
+    straight = train_adaptclip(samples, backbone, tmp_path / "straight", config)
+    real, calls = recipe_module._AdaptCLIPRecipe.losses, []
+
+    def crash_in_step_4(self, batch):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(self, batch)
+
+    monkeypatch.setattr(recipe_module._AdaptCLIPRecipe, "losses", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_adaptclip(samples, backbone, tmp_path / "crash", config)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "crash" / "train_state.json").read_text())
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 1, 3)  # mid epoch 2
+    with pytest.raises(ValueError, match=r"settings differ \(lr: run 0\.001, now 0\.01\)"):
+        train_adaptclip(samples, backbone, tmp_path / "crash", AdaptCLIPTrainConfig(
+            epochs=2, batch_size=4, seed=3, lr=0.01
+        ))  # fmt: skip
+    resumed = train_adaptclip(samples, backbone, tmp_path / "crash", config)
+    assert resumed.resumed_from == 1 and resumed.steps == straight.steps == 4
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(straight.checkpoint)), load_file(str(resumed.checkpoint))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from anomalens.backbones.clip import ClipBackbone
 from anomalens.detectors._anomalyclip_checkpoint import (
-    CHECKPOINT_FORMAT,
     checkpoint_filter_fn,
     config_from_state_dict,
     load_prompt_checkpoint,
@@ -24,15 +23,13 @@ from anomalens.detectors._anomalyclip_modules import (
     AnomalyCLIPPromptLearner,
     PromptConfig,
     anomaly_map_from_probs,
-    anomalyclip_loss,
     anomalyclip_scores,
-    dice_loss,
-    focal_loss,
-    image_logits,
     patch_text_probs,
     placeholder_prompts,
     similarity_maps,
 )
+from anomalens.scoring.similarity import image_logits
+from anomalens.training.losses import anomalyclip_loss, dice_loss, focal_loss
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +207,13 @@ def test_save_load_roundtrip_and_official_pth(tmp_path: Path) -> None:
     learner = AnomalyCLIPPromptLearner(cfg)
     path = save_prompt_checkpoint(tmp_path / "p.safetensors", learner.state_dict(), cfg, {"a": 1})
     sd, meta = load_prompt_checkpoint(path)
-    assert meta["format"] == CHECKPOINT_FORMAT and meta["n_ctx"] == "4"
+    assert meta.kind == "anomalyclip.prompts" and meta.config["n_ctx"] == 4
+    assert meta.extra == {"a": 1}
     assert all(torch.equal(sd[k], v) for k, v in learner.state_dict().items())
     pth = tmp_path / "epoch_15.pth"
     torch.save({"prompt_learner": _official_like(cfg)}, pth)
     sd2, meta2 = load_prompt_checkpoint(pth)
-    assert meta2 == {} and config_from_state_dict(sd2) == cfg
+    assert not meta2.ours and config_from_state_dict(sd2) == cfg
     torch.save({"prompt_learner": {"ctx_pos": object()}}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="weights_only"):
         load_prompt_checkpoint(tmp_path / "bad.pth")

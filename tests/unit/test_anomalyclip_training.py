@@ -39,7 +39,7 @@ from anomalens.data.io import load_mask
 from anomalens.data.mvtec import make_mvtec_index
 from anomalens.data.synthetic import generate_synthetic_dataset
 from anomalens.metrics import image_metrics, pixel_metrics
-from anomalens.training.anomalyclip import FINAL_NAME, train_anomalyclip
+from anomalens.training.anomalyclip import FINAL_NAME, AnomalyCLIPTrainConfig, train_anomalyclip
 from anomalens.types import Sample
 
 SIZE = 64
@@ -152,10 +152,11 @@ def run_transfer(
         with pytest.warns(UserWarning, match="untrained"):
             untrained = AnomalyCLIP(backbone, seed=seed)
         out["untrained"].append(_evaluate_per_category(untrained, test))
-        ckpt = train_anomalyclip(
-            train, backbone, tmp / f"run{seed}", epochs=epochs, lr=0.01, batch_size=8, seed=seed,
-            cache_features=True, progress=False, resume=False,
-        )  # fmt: skip
+        config = AnomalyCLIPTrainConfig(
+            epochs=epochs, lr=0.01, batch_size=8, seed=seed, cache_features=True, resume=False
+        )
+        ckpt = train_anomalyclip(train, backbone, tmp / f"run{seed}", config, progress=False)
+        ckpt = ckpt.checkpoint
         out["trained"].append(_evaluate_per_category(AnomalyCLIP(backbone, checkpoint=ckpt), test))
     return out
 
@@ -177,10 +178,11 @@ def _square_set(tmp: Path) -> list[Sample]:
 def _train(tmp: Path, samples: list[Sample], out: str, epochs: int, **kw: Any) -> Path:
     from anomalens.backbones.tiny import make_tiny_clip
 
-    return train_anomalyclip(
-        samples, make_tiny_clip(seed=1, image_size=SIZE), tmp / out, epochs=epochs, lr=0.01,
-        batch_size=5, seed=3, progress=False, **kw,
-    )  # fmt: skip
+    config = AnomalyCLIPTrainConfig(epochs=epochs, lr=0.01, batch_size=5, seed=3, **kw)
+    result = train_anomalyclip(
+        samples, make_tiny_clip(seed=1, image_size=SIZE), tmp / out, config, progress=False
+    )
+    return result.checkpoint
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> None:
@@ -244,7 +246,7 @@ def test_mid_epoch_crash_resume_and_settings_mismatch(
 def test_training_input_errors(tmp_path: Path) -> None:
     samples = _square_set(tmp_path)
     with pytest.raises(ValueError, match="no training sample"):
-        train_anomalyclip([], out=tmp_path / "x")
+        train_anomalyclip([], out=tmp_path / "x")  # checked before any backbone is built
     normals = [s for s in samples if s.label == 0]
     with pytest.raises(ValueError, match="masks"):
         _train(tmp_path, normals, "n", epochs=1)

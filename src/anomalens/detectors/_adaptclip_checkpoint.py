@@ -5,30 +5,31 @@ The official checkpoint is ``{"textual_learner": sd, "visual_learner": sd, "pq_l
 (or the same flattened to ``"<learner>.<key>"``). :func:`checkpoint_filter_fn` renames its keys
 onto :class:`~anomalens.detectors._adaptclip_modules.AdaptCLIPAdapters`; values are unchanged
 apart from squeezing the official singleton dimensions and stacking the normal / abnormal
-buffers of the textual adapter.
+buffers of the textual adapter. Our files are written and read by ``detectors._checkpoint``
+(one layout for AdaptCLIP and AnomalyCLIP).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from anomalens.backbones.weights import read_checkpoint
 from anomalens.detectors._adaptclip_modules import AdapterConfig
+from anomalens.detectors._checkpoint import CheckpointInfo, read_checkpoint_file, save_checkpoint
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_KIND",
     "checkpoint_filter_fn",
     "config_from_state_dict",
     "load_adapter_checkpoint",
     "save_adapter_checkpoint",
 ]
 
-#: ``format`` metadata entry of our safetensors files.
-CHECKPOINT_FORMAT = "anomalens.adaptclip.adapters"
+#: ``kind`` metadata entry of our adapter files.
+CHECKPOINT_KIND = "adaptclip.adapters"
 _LEARNERS = ("textual_learner", "visual_learner", "pq_learner")
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -215,35 +216,24 @@ def save_adapter_checkpoint(
     path: str | Path,
     state_dict: Mapping[str, torch.Tensor],
     config: AdapterConfig,
-    extra: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write our adapters as safetensors (contiguous CPU tensors, config in the metadata)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config.to_dict())}
-    metadata.update(dict(extra or {}))
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    """Write our adapters as safetensors, atomically (layout: ``detectors._checkpoint``)."""
+    return save_checkpoint(
+        path, state_dict, kind=CHECKPOINT_KIND, config=config.to_dict(), extra=extra
+    )
 
 
-def load_adapter_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read adapters from our safetensors file, or an official ``.pth``/``.pt``/safetensors.
+def load_adapter_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read adapters from our safetensors file (any layout), or an official ``.pth``/safetensors.
 
     Official ``.pth`` files are read with ``torch.load(weights_only=True)``.
 
     Returns:
-        (state dict in our layout, safetensors metadata or {}).
+        (state dict in our layout, what the file says about itself).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        KeyError / ValueError: the file is not an AdaptCLIP adapter checkpoint.
+        ValueError: the file is not an AdaptCLIP adapter checkpoint (the message names it).
     """
-    path = Path(path)
-    raw, metadata = read_checkpoint(path, "AdaptCLIP checkpoint")
-    try:
-        return checkpoint_filter_fn(raw), metadata
-    except (KeyError, ValueError) as exc:
-        raise type(exc)(f"{path}: {exc.args[0] if exc.args else exc}") from exc
+    return read_checkpoint_file(path, CHECKPOINT_KIND, "AdaptCLIP checkpoint", checkpoint_filter_fn)

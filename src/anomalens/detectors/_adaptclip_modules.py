@@ -9,8 +9,9 @@ Modules (learnable, small):
 * ``PromptQueryAdapter`` (PQA): per-layer BatchNorm on ``q + |q - nearest normal patch|``, then one
   local head (2-channel map) and one global head (2 logits), both shared by all layers.
 
-Pure tensor functions (no state): text logits and probability maps, nearest-normal alignment,
-harmonic mean, zero- and few-shot fusion (smoothing: ``anomalens.scoring.maps.gaussian_smooth``,
+Pure tensor functions (no state): probability maps, nearest-normal alignment, zero- and few-shot
+fusion. The shared pieces live in ``anomalens.scoring``: ``image_logits`` and the temperature
+(``similarity``), ``harmonic_mean`` (``aggregate``), ``upsample`` and ``gaussian_smooth`` (``maps``;
 equal to scipy's ``gaussian_filter`` with its ``reflect`` border).
 Channel / column 0 is always *normal*, 1 *abnormal*.
 """
@@ -25,15 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.scoring.maps import gaussian_smooth
+from anomalens.scoring.aggregate import harmonic_mean
+from anomalens.scoring.maps import gaussian_smooth, upsample
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE, image_logits
 
 __all__ = [
     "ALIGN_CHUNK_ELEMENTS",
-    "DEFAULT_TEMPERATURE",
     "AdaptCLIPAdapters",
+    "AdaptCLIPHeads",
     "AdapterConfig",
     "FusionType",
     "PromptQueryAdapter",
+    "PromptQueryHeads",
     "ResidualBottleneck",
     "TextualAdapter",
     "VisualAdapter",
@@ -41,16 +45,10 @@ __all__ = [
     "align_to_memory",
     "fuse_few_shot",
     "fuse_zero_shot",
-    "harmonic_mean",
-    "image_logits",
     "patch_probability_maps",
     "pqa_image_vector",
     "three_way_mean",
-    "upsample",
 ]
-
-#: Fixed softmax temperature of AdaptCLIP (CLIP's learned logit scale is not used).
-DEFAULT_TEMPERATURE = 0.07
 
 #: Largest (B, n, M) similarity block of one ``align_to_memory`` chunk (2**24 floats = 64 MiB).
 ALIGN_CHUNK_ELEMENTS = 2**24
@@ -310,25 +308,6 @@ class AdaptCLIPAdapters(nn.Module):
 
 
 # ============================================================================= pure functions
-def image_logits(
-    global_embedding: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    temperature: float = DEFAULT_TEMPERATURE,
-) -> torch.Tensor:
-    """Cosine logits of images against the two class texts.
-
-    Args:
-        global_embedding: (B, D) image embeddings (any norm).
-        text_embeddings: (2, D) normal / abnormal text embeddings (any norm).
-
-    Returns:
-        (B, 2) ``cos / temperature``.
-    """
-    g = F.normalize(global_embedding, dim=-1)
-    t = F.normalize(text_embeddings, dim=-1)
-    return g @ t.T / temperature
-
-
 def patch_probability_maps(
     patch_tokens: torch.Tensor,
     text_embeddings: torch.Tensor,
@@ -350,11 +329,6 @@ def patch_probability_maps(
     prob = (p @ t.T / temperature).softmax(dim=-1)[:, 1:]
     b = prob.shape[0]
     return prob.transpose(1, 2).reshape(b, 2, *grid_size)
-
-
-def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, C, h, w) maps (align_corners=False, no antialias)."""
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def align_to_memory(
@@ -411,11 +385,6 @@ def pqa_image_vector(features: torch.Tensor, topk: int = 10) -> torch.Tensor:
     flat = features.flatten(2)
     k = min(topk, flat.shape[-1])
     return 0.5 * (flat.mean(dim=-1) + flat.topk(k, dim=-1).values.mean(dim=-1))
-
-
-def harmonic_mean(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Element-wise harmonic mean ``n / sum(1 / x)`` along ``dim`` (zeros give 0 or NaN)."""
-    return values.shape[dim] / (1.0 / values).sum(dim=dim)
 
 
 def three_way_mean(values: torch.Tensor, fusion: FusionType = "average_mean") -> torch.Tensor:
@@ -493,11 +462,11 @@ def fuse_few_shot(
     pq_map = pq_maps.mean(dim=1)
     align = harmonic_mean(align_maps, dim=1)
     avg3 = three_way_mean(torch.stack([va_map, ta_map, pq_map]), fusion)
-    fused = harmonic_mean(torch.stack([avg3, align]), dim=0)
+    fused = harmonic_mean([avg3, align])
     smoothed = smooth(fused, sigma)
     peak = smoothed.flatten(1).amax(dim=1)
     image_avg3 = three_way_mean(torch.stack([va_score, ta_score, pq_scores.mean(dim=1)]), fusion)
-    score = harmonic_mean(torch.stack([image_avg3, peak]), dim=0)
+    score = harmonic_mean([image_avg3, peak])
     return {
         "pq_map": pq_map,
         "align_hm": align,
@@ -511,6 +480,66 @@ def fuse_few_shot(
 
 
 # ================================================================================ all heads
+@dataclass(frozen=True)
+class PromptQueryHeads:
+    """Outputs of the prompt-query adapter (few-shot only), L = tapped layers.
+
+    Attributes:
+        logits: (B, L, 2) image logits per layer.
+        maps: (B, L, 2, S, S) probability maps per layer (softmax, then upsampled).
+        align_lowres: (B, L, h, w) nearest-normal cosine distances at token resolution.
+        align: (B, L, S, S) the same, upsampled.
+        image_vector: (B, L, D) input of the global head.
+    """
+
+    logits: torch.Tensor
+    maps: torch.Tensor
+    align_lowres: torch.Tensor
+    align: torch.Tensor
+    image_vector: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AdaptCLIPHeads:
+    """Logits and 2-channel probability maps of every AdaptCLIP head (channel 0 normal).
+
+    Attributes:
+        va_logits, ta_logits: (B, 2) image logits of the visual / textual adapter.
+        va_map_lowres, ta_map_lowres: (B, 2, h, w) maps at token resolution.
+        va_map, ta_map: (B, 2, S, S) the same, upsampled.
+        pq: prompt-query outputs, or None in zero-shot mode (no memory).
+    """
+
+    va_logits: torch.Tensor
+    ta_logits: torch.Tensor
+    va_map_lowres: torch.Tensor
+    ta_map_lowres: torch.Tensor
+    va_map: torch.Tensor
+    ta_map: torch.Tensor
+    pq: PromptQueryHeads | None = None
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Flat ``{name: tensor}``: the VA/TA fields by name; with ``pq``, also ``pq_logits``,
+        ``pq_maps``, ``align_lowres``, ``align`` and ``pq_image_vector``."""
+        out = {
+            "va_logits": self.va_logits,
+            "ta_logits": self.ta_logits,
+            "va_map_lowres": self.va_map_lowres,
+            "ta_map_lowres": self.ta_map_lowres,
+            "va_map": self.va_map,
+            "ta_map": self.ta_map,
+        }
+        if self.pq is not None:
+            out.update(
+                pq_logits=self.pq.logits,
+                pq_maps=self.pq.maps,
+                align_lowres=self.pq.align_lowres,
+                align=self.pq.align,
+                pq_image_vector=self.pq.image_vector,
+            )
+        return out
+
+
 def adaptclip_heads(
     adapters: AdaptCLIPAdapters,
     patch_tokens: list[torch.Tensor],
@@ -521,7 +550,7 @@ def adaptclip_heads(
     ta_text: torch.Tensor,
     memory: list[torch.Tensor] | None = None,
     temperature: float = DEFAULT_TEMPERATURE,
-) -> dict[str, torch.Tensor]:
+) -> AdaptCLIPHeads:
     """Logits and 2-channel probability maps of every AdaptCLIP head (differentiable).
 
     VA scores the adapted global embedding / last-layer tokens against the static anchors; TA
@@ -539,30 +568,30 @@ def adaptclip_heads(
         memory: per layer the normal patches (M, D) or (B, M, D), L2-normalised, or None.
 
     Returns:
-        ``va_logits``/``ta_logits`` (B, 2), ``va_map_lowres``/``ta_map_lowres`` (B, 2, h, w),
-        ``va_map``/``ta_map`` (B, 2, S, S); with memory also ``pq_logits`` (B, L, 2),
-        ``pq_maps`` (B, L, 2, S, S), ``align_lowres`` (B, L, h, w), ``align`` (B, L, S, S),
-        ``pq_image_vector`` (B, L, D).
+        :class:`AdaptCLIPHeads` (``pq`` set only with ``memory``).
     """
     last = patch_tokens[-1]
     g_va, p_va = adapters.visual(global_embedding, last)
     va_low = patch_probability_maps(p_va, static_text, grid_size, temperature)
     ta_low = patch_probability_maps(last, ta_text, grid_size, temperature)
-    out = {
-        "va_logits": image_logits(g_va, static_text, temperature),
-        "ta_logits": image_logits(global_embedding, ta_text, temperature),
-        "va_map_lowres": va_low,
-        "ta_map_lowres": ta_low,
-        "va_map": upsample(va_low, image_size),
-        "ta_map": upsample(ta_low, image_size),
-    }
+    pq_heads = None
     if memory is not None:
         pq = adapters.prompt_query(patch_tokens, memory, grid_size)
         b, num, c, h, w = pq["map_logits"].shape
         probs = pq["map_logits"].reshape(b * num, c, h, w).softmax(dim=1)
-        out["pq_logits"] = pq["logits"]
-        out["pq_maps"] = upsample(probs, image_size).reshape(b, num, c, image_size, image_size)
-        out["align_lowres"] = pq["align"]
-        out["align"] = upsample(pq["align"], image_size)
-        out["pq_image_vector"] = pq["image_vector"]
-    return out
+        pq_heads = PromptQueryHeads(
+            logits=pq["logits"],
+            maps=upsample(probs, image_size).reshape(b, num, c, image_size, image_size),
+            align_lowres=pq["align"],
+            align=upsample(pq["align"], image_size),
+            image_vector=pq["image_vector"],
+        )
+    return AdaptCLIPHeads(
+        va_logits=image_logits(g_va, static_text, temperature),
+        ta_logits=image_logits(global_embedding, ta_text, temperature),
+        va_map_lowres=va_low,
+        ta_map_lowres=ta_low,
+        va_map=upsample(va_low, image_size),
+        ta_map=upsample(ta_low, image_size),
+        pq=pq_heads,
+    )

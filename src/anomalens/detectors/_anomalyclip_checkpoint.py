@@ -9,31 +9,31 @@ Official format (``train.py``): ``torch.save({"prompt_learner": state_dict})`` w
   token embedding, rebuilt from the backbone here (dropped).
 
 Ours: ``ctx_normal``, ``ctx_abnormal`` (n_ctx, W) and ``deep_prompts.{j}`` (t_n_ctx, W), as
-safetensors with the prompt sizes in the metadata.
+safetensors in the layout of ``detectors._checkpoint`` (shared with AdaptCLIP).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from anomalens.backbones.weights import read_checkpoint
 from anomalens.detectors._anomalyclip_modules import PromptConfig
+from anomalens.detectors._checkpoint import CheckpointInfo, read_checkpoint_file, save_checkpoint
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_KIND",
     "checkpoint_filter_fn",
     "config_from_state_dict",
     "load_prompt_checkpoint",
     "save_prompt_checkpoint",
 ]
 
-#: ``format`` metadata value of our safetensors files.
-CHECKPOINT_FORMAT = "anomalens-anomalyclip-v1"
+#: ``kind`` metadata value of our prompt files.
+CHECKPOINT_KIND = "anomalyclip.prompts"
 
 _DEEP_OFFICIAL = re.compile(r"^compound_prompts_text\.(\d+)$")
 _DEEP_OURS = re.compile(r"^deep_prompts\.(\d+)$")
@@ -117,42 +117,26 @@ def save_prompt_checkpoint(
     path: str | Path,
     state_dict: Mapping[str, torch.Tensor],
     config: PromptConfig,
-    extra: Mapping[str, object] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the prompt learner as safetensors; sizes and ``extra`` go into the metadata.
-
-    The file is written to a temporary name first and renamed, so an interrupted save never
-    leaves a truncated checkpoint behind.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
-    meta = {"format": CHECKPOINT_FORMAT, **{k: str(v) for k, v in config.to_dict().items()}}
-    if extra:
-        meta["extra"] = json.dumps(dict(extra), sort_keys=True, default=str)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    """Write the prompt learner as safetensors, atomically (layout: ``detectors._checkpoint``)."""
+    return save_checkpoint(
+        path, state_dict, kind=CHECKPOINT_KIND, config=config.to_dict(), extra=extra
+    )
 
 
-def load_prompt_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read our safetensors file or an official ``.pth`` (or its safetensors export).
+def load_prompt_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read our safetensors file (any layout) or an official ``.pth`` (or its safetensors export).
 
     ``.pth`` files are read with ``torch.load(weights_only=True)``.
 
     Returns:
-        (state dict in our layout, float32 on the CPU; safetensors metadata or ``{}``).
+        (state dict in our layout, float32 on the CPU; what the file says about itself).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file or not an AnomalyCLIP prompt learner.
+        ValueError: unreadable file or not an AnomalyCLIP prompt learner (the message names it).
     """
-    path = Path(path)
-    raw, metadata = read_checkpoint(path, "AnomalyCLIP checkpoint")
-    try:
-        return checkpoint_filter_fn(raw), metadata
-    except KeyError as exc:
-        raise ValueError(f"{path} is not an AnomalyCLIP prompt-learner checkpoint: {exc}") from exc
+    return read_checkpoint_file(
+        path, CHECKPOINT_KIND, "AnomalyCLIP prompt-learner checkpoint", checkpoint_filter_fn
+    )

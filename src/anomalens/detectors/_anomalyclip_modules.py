@@ -1,12 +1,12 @@
-"""AnomalyCLIP building blocks: the object-agnostic prompt learner and pure scoring / loss functions.
+"""AnomalyCLIP building blocks: the object-agnostic prompt learner and pure scoring functions.
 
 The prompt learner holds the only trainable tensors of AnomalyCLIP (Zhou et al., ICLR 2024):
 two embedding-level contexts ("[V1..Vn] object." for normal, "[W1..Wn] damaged object." for
 abnormal) and the deep text prompts that overwrite token positions 1..t_n_ctx before text blocks
 2..depth. The text tower itself is the frozen CLIP of :class:`~anomalens.backbones.clip.ClipBackbone`.
 
-Everything below the module is a pure tensor function (scores, maps, losses), tested on tiny
-tensors and against the official-code parity fixtures.
+Everything below the module is a pure tensor function (scores, maps), tested on tiny tensors and
+against the official-code parity fixtures; the training loss is in ``anomalens.training.losses``.
 """
 
 from __future__ import annotations
@@ -15,30 +15,23 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from anomalens.scoring.maps import gaussian_smooth
+from anomalens.scoring.maps import gaussian_smooth, upsample
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE, image_logits
 
 __all__ = [
     "ABNORMAL_TEMPLATE",
-    "DEFAULT_TEMPERATURE",
     "NORMAL_TEMPLATE",
     "AnomalyCLIPPromptLearner",
     "PromptConfig",
     "anomaly_map_from_probs",
-    "anomalyclip_loss",
     "anomalyclip_scores",
-    "dice_loss",
-    "focal_loss",
-    "image_logits",
     "patch_text_probs",
     "placeholder_prompts",
     "similarity_maps",
 ]
 
-#: Fixed softmax temperature of every image-text similarity (official 0.07).
-DEFAULT_TEMPERATURE = 0.07
 #: Class-free prompt words after the learnable context (normal, abnormal).
 NORMAL_TEMPLATE = "object"
 ABNORMAL_TEMPLATE = "damaged object"
@@ -172,24 +165,6 @@ class AnomalyCLIPPromptLearner(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 
-def image_logits(
-    global_embedding: torch.Tensor, text: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE
-) -> torch.Tensor:
-    """Image-text logits ``ĝ · t̂ / τ``.
-
-    Args:
-        global_embedding: (B, D) image embeddings (any norm).
-        text: (2, D) text embeddings (normal, abnormal; any norm).
-        temperature: τ.
-
-    Returns:
-        (B, 2) logits [normal, abnormal].
-    """
-    g = F.normalize(global_embedding, dim=-1)
-    t = F.normalize(text, dim=-1)
-    return g @ t.t() / temperature
-
-
 def patch_text_probs(
     patch_tokens: torch.Tensor, text: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE
 ) -> torch.Tensor:
@@ -226,7 +201,7 @@ def similarity_maps(
     if length != 1 + h * w:
         raise ValueError(f"probs has {length} rows, expected 1 + {h}*{w} for grid {grid_size}")
     grid = probs[:, 1:].reshape(b, h, w, c).permute(0, 3, 1, 2)
-    return F.interpolate(grid, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return upsample(grid, image_size)
 
 
 def anomaly_map_from_probs(maps: torch.Tensor) -> torch.Tensor:
@@ -271,78 +246,3 @@ def anomalyclip_scores(
         "map_sum": map_sum,
         "anomaly_map": gaussian_smooth(map_sum, sigma),
     }
-
-
-# ------------------------------------------------------------------------------------------
-# Losses
-# ------------------------------------------------------------------------------------------
-
-
-def focal_loss(
-    probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
-) -> torch.Tensor:
-    """Focal loss on probabilities (no alpha), with label smoothing, mean over all pixels.
-
-    With the one-hot target clamped to ``[smooth / (C - 1), 1 - smooth]``:
-    ``p_t = Σ_c onehot_c · p_c + smooth`` and the loss is ``mean(-(1 - p_t)^γ log p_t)``.
-
-    Args:
-        probs: (B, C, H, W) class probabilities.
-        target: (B, H, W) integer class per pixel (0 normal, 1 abnormal).
-        gamma: focusing exponent.
-        smooth: label smoothing and log guard.
-
-    Returns:
-        Scalar loss.
-    """
-    c = probs.shape[1]
-    onehot = F.one_hot(target.long(), c).permute(0, 3, 1, 2).to(probs.dtype)
-    onehot = onehot.clamp(smooth / (c - 1), 1.0 - smooth)
-    pt = (onehot * probs).sum(dim=1) + smooth
-    return (-((1 - pt) ** gamma) * pt.log()).mean()
-
-
-def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Binary Dice loss per image, averaged: ``1 - (2 Σ p g + s) / (Σ p + Σ g + s)``.
-
-    Args:
-        pred: (B, H, W) probabilities.
-        target: (B, H, W) {0, 1} ground truth.
-        smooth: additive smoothing.
-
-    Returns:
-        Scalar loss.
-    """
-    p = pred.flatten(1)
-    g = target.to(pred.dtype).flatten(1)
-    dice = (2 * (p * g).sum(1) + smooth) / (p.sum(1) + g.sum(1) + smooth)
-    return (1 - dice).mean()
-
-
-def anomalyclip_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    layer_maps: Sequence[torch.Tensor],
-    masks: torch.Tensor,
-    pixel_weight: float = 4.0,
-) -> dict[str, torch.Tensor]:
-    """Training loss: ``CE(logits, y) + λ Σ_layers [Focal(S, m) + Dice(S_a, m) + Dice(S_n, 1 - m)]``.
-
-    Args:
-        logits: (B, 2) image logits (``ĝ · t̂ / τ``, not softmaxed).
-        labels: (B,) 0 normal / 1 anomalous.
-        layer_maps: per layer (B, 2, S, S) probability maps from :func:`similarity_maps`.
-        masks: (B, S, S) {0, 1} ground truth.
-        pixel_weight: λ (official 4, hard-coded in train.py).
-
-    Returns:
-        ``loss`` (total), ``image_loss``, ``pixel_loss`` (already multiplied by λ); scalars.
-    """
-    image_loss = F.cross_entropy(logits, labels.long())
-    m = masks.to(logits.dtype)
-    pixel = logits.new_zeros(())
-    for s in layer_maps:
-        pixel = pixel + focal_loss(s, m.long())
-        pixel = pixel + dice_loss(s[:, 1], m) + dice_loss(s[:, 0], 1 - m)
-    pixel = pixel_weight * pixel
-    return {"loss": image_loss + pixel, "image_loss": image_loss, "pixel_loss": pixel}

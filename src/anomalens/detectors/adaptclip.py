@@ -30,8 +30,8 @@ from anomalens.detectors._adaptclip_checkpoint import (
     save_adapter_checkpoint,
 )
 from anomalens.detectors._adaptclip_modules import (
-    DEFAULT_TEMPERATURE,
     AdaptCLIPAdapters,
+    AdaptCLIPHeads,
     AdapterConfig,
     FusionType,
     adaptclip_heads,
@@ -41,6 +41,7 @@ from anomalens.detectors._adaptclip_modules import (
 from anomalens.detectors._clip_base import FrozenClipDetector
 from anomalens.prompts.adaptclip import placeholder_prompt, static_sentences
 from anomalens.registry import register_detector
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE
 from anomalens.types import LearningType, Prediction
 
 if TYPE_CHECKING:
@@ -209,39 +210,52 @@ class AdaptCLIP(FrozenClipDetector):
                 per_layer[i].append(F.normalize(tokens[:, 1:].float(), dim=-1).flatten(0, 1))
         self._memory = [torch.cat(chunks) for chunks in per_layer]
 
-    def score_features(self, feats: Any) -> dict[str, torch.Tensor]:
-        """All heads and the fusion for encoded images (see ``adaptclip_heads``).
+    def heads(
+        self, feats: Any, ta_text: torch.Tensor, memory: list[torch.Tensor] | None
+    ) -> AdaptCLIPHeads:
+        """Every head on encoded images (differentiable in the adapters; see ``adaptclip_heads``).
 
-        Returns:
-            the head outputs plus ``anomaly_map`` (B, S, S), ``image_score`` (B,) and the
-            per-head abnormal probabilities ``va_score``, ``ta_score`` (B,), ``pq_score`` (B,).
+        Args:
+            feats: output of :meth:`encode`.
+            ta_text: (2, D) TA text embeddings (cached ones, or fresh ones while training).
+            memory: per layer the L2-normalised normal patches, or None (zero-shot).
         """
-        heads = adaptclip_heads(
+        return adaptclip_heads(
             self.adapters,
             [t.float() for t in feats.patch_tokens],
             feats.global_embedding.float(),
             tuple(feats.grid_size),
             self.image_size,
             self.static_text,
-            self._text(),
-            self._memory,
+            ta_text,
+            memory,
             self.temperature,
         )
-        va_score = heads["va_logits"].softmax(-1)[:, 1]
-        ta_score = heads["ta_logits"].softmax(-1)[:, 1]
-        out = dict(heads, va_score=va_score, ta_score=ta_score)
-        if self._memory is None:
+
+    def score_features(self, feats: Any) -> dict[str, torch.Tensor]:
+        """All heads and the fusion for encoded images (see ``adaptclip_heads``).
+
+        Returns:
+            the head outputs (``AdaptCLIPHeads.to_dict()``) plus ``anomaly_map`` (B, S, S),
+            ``image_score`` (B,) and the per-head abnormal probabilities ``va_score``,
+            ``ta_score`` (B,), ``pq_score`` (B,).
+        """
+        heads = self.heads(feats, self._text(), self._memory)
+        va_score = heads.va_logits.softmax(-1)[:, 1]
+        ta_score = heads.ta_logits.softmax(-1)[:, 1]
+        out = dict(heads.to_dict(), va_score=va_score, ta_score=ta_score)
+        if heads.pq is None:
             fused = fuse_zero_shot(
-                heads["va_map"][:, 1], heads["ta_map"][:, 1], va_score, ta_score, self.sigma
+                heads.va_map[:, 1], heads.ta_map[:, 1], va_score, ta_score, self.sigma
             )
         else:
-            pq_scores = heads["pq_logits"].softmax(-1)[..., 1]
+            pq_scores = heads.pq.logits.softmax(-1)[..., 1]
             out["pq_score"] = pq_scores.mean(dim=1)
             fused = fuse_few_shot(
-                heads["va_map"][:, 1],
-                heads["ta_map"][:, 1],
-                heads["pq_maps"][:, :, 1],
-                heads["align"],
+                heads.va_map[:, 1],
+                heads.ta_map[:, 1],
+                heads.pq.maps[:, :, 1],
+                heads.pq.align,
                 va_score,
                 ta_score,
                 pq_scores,
@@ -288,7 +302,7 @@ class AdaptCLIP(FrozenClipDetector):
         Raises:
             ValueError: the checkpoint's sizes do not fit this backbone / these layers.
         """
-        state, metadata = load_adapter_checkpoint(path)
+        state, info = load_adapter_checkpoint(path)
         config = config_from_state_dict(state)
         expected = {
             "embed_dim": int(self.static_text.shape[-1]),
@@ -305,9 +319,7 @@ class AdaptCLIP(FrozenClipDetector):
         adapters = AdaptCLIPAdapters(config, pq_context=self.pq_context)
         adapters.load_state_dict(state, strict=True)
         self.adapters = adapters.to(self.device).eval()
-        self.adapter_source = (
-            "anomalens" if metadata.get("format", "").startswith("anomalens") else "official"
-        )
+        self.adapter_source = "anomalens" if info.ours else "official"
         self.checkpoint_path = str(path)
         self._ta_text = None
 

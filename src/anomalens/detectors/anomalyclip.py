@@ -22,13 +22,11 @@ import torch
 
 from anomalens.data.io import ImageLike
 from anomalens.detectors._anomalyclip_checkpoint import (
-    CHECKPOINT_FORMAT,
     config_from_state_dict,
     load_prompt_checkpoint,
     save_prompt_checkpoint,
 )
 from anomalens.detectors._anomalyclip_modules import (
-    DEFAULT_TEMPERATURE,
     AnomalyCLIPPromptLearner,
     PromptConfig,
     anomalyclip_scores,
@@ -36,6 +34,7 @@ from anomalens.detectors._anomalyclip_modules import (
 )
 from anomalens.detectors._clip_base import FrozenClipDetector
 from anomalens.registry import register_detector
+from anomalens.scoring.similarity import DEFAULT_TEMPERATURE
 from anomalens.types import LearningType, Prediction
 
 if TYPE_CHECKING:
@@ -241,7 +240,7 @@ class AnomalyCLIP(FrozenClipDetector):
         Raises:
             ValueError: the checkpoint's sizes do not fit this backbone.
         """
-        state, metadata = load_prompt_checkpoint(path)
+        state, info = load_prompt_checkpoint(path)
         config = config_from_state_dict(state)
         try:
             learner = build_prompt_learner(self.backbone, config, self.fp16_deep_prompts)
@@ -251,9 +250,7 @@ class AnomalyCLIP(FrozenClipDetector):
             ) from exc
         learner.load_state_dict(state, strict=True)
         self.prompt_learner = learner.to(self.device).eval()
-        self.prompt_source = (
-            "anomalens" if metadata.get("format") == CHECKPOINT_FORMAT else "official"
-        )
+        self.prompt_source = "anomalens" if info.ours else "official"
         self.checkpoint_path = str(path)
         self._text = None
 

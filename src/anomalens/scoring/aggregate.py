@@ -93,19 +93,31 @@ def harmonic_window_aggregate(
     return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def harmonic_mean(terms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Element-wise harmonic mean ``n / sum_i 1 / x_i`` of broadcastable non-negative tensors.
+def harmonic_mean(values: torch.Tensor | Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Element-wise harmonic mean ``n / sum_i 1 / x_i`` of non-negative values.
 
-    A zero term gives 0. NaN results are replaced by 0.
+    The one harmonic mean of the package (WinCLIP's language map, AdaptCLIP's align map and
+    few-shot fusion). Every caller gets the same handling of the edge cases:
+
+    * a zero term gives 0 (the limit: ``1 / 0 = inf``, ``n / inf = 0``);
+    * a result that is not finite (a NaN term, or an infinite one cancelling another) is 0, so a
+      single bad value never spreads into the smoothing that usually follows.
 
     Args:
-        terms: tensors of broadcastable shapes, e.g. (B, N), (B, N) and (B, 1).
+        values: one tensor reduced along ``dim``, e.g. (B, L, S, S) per-layer maps with
+            ``dim=1``; or a sequence of broadcastable tensors, e.g. (B, N), (B, N) and (B, 1),
+            (``dim`` is then ignored).
+        dim: dimension to reduce when ``values`` is one tensor.
 
     Returns:
-        Tensor of the broadcast shape.
+        The broadcast shape without ``dim``; float32, or float64 for float64 input.
     """
+    terms = values.unbind(dim) if isinstance(values, torch.Tensor) else tuple(values)
     if len(terms) == 0:
-        raise ValueError("harmonic_mean needs at least one tensor")
-    inv_sum = sum(1.0 / t.float() for t in terms)
-    assert isinstance(inv_sum, torch.Tensor)
+        raise ValueError("harmonic_mean needs at least one value")
+    inv_sum: torch.Tensor | None = None
+    for t in terms:  # summed in order: the same rounding for a tensor and a sequence
+        inv = 1.0 / (t if t.dtype == torch.float64 else t.float())
+        inv_sum = inv if inv_sum is None else inv_sum + inv
+    assert inv_sum is not None
     return torch.nan_to_num(len(terms) / inv_sum, nan=0.0, posinf=0.0, neginf=0.0)

@@ -19,31 +19,37 @@ def upsample(
     patch_scores: torch.Tensor,
     size: int | tuple[int, int],
     mode: str = "bilinear",
+    align_corners: bool = False,
 ) -> torch.Tensor:
-    """Resize patch-score grids to the image size.
+    """Resize patch-score grids to the image size (the one resize of every detector's maps).
 
     Args:
-        patch_scores: (B, h, w) scores.
+        patch_scores: (B, h, w) scores, or (B, C, h, w) maps (each channel resized alone).
         size: output size S or (H, W).
-        mode: ``bilinear`` (``align_corners=False``, PatchCore official), ``nearest``
+        mode: ``bilinear`` (PatchCore, WinCLIP, AdaptCLIP and AnomalyCLIP official), ``nearest``
             (anomalib) or ``bicubic``.
+        align_corners: for ``bilinear`` / ``bicubic``: False (default, the references above) or
+            True (MuSc official).
 
     Returns:
-        (B, H, W) maps, same dtype and device as the input.
+        (B, H, W) or (B, C, H, W) maps, same dtype and device as the input (the input itself when
+        it already has the size).
     """
-    if patch_scores.ndim != 3:
-        raise ValueError(f"patch_scores must be (B, h, w), got {tuple(patch_scores.shape)}")
+    if patch_scores.ndim not in (3, 4):
+        raise ValueError(
+            f"patch_scores must be (B, h, w) or (B, C, h, w), got {tuple(patch_scores.shape)}"
+        )
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(patch_scores.shape[-2:]) == hw:
         return patch_scores
-    x = patch_scores[:, None]
+    x = patch_scores[:, None] if patch_scores.ndim == 3 else patch_scores
     if mode == "nearest":
         out = F.interpolate(x, size=hw, mode="nearest")
     elif mode in ("bilinear", "bicubic"):
-        out = F.interpolate(x, size=hw, mode=mode, align_corners=False)
+        out = F.interpolate(x, size=hw, mode=mode, align_corners=align_corners)
     else:
         raise ValueError(f"upsample mode must be bilinear, bicubic or nearest, got {mode!r}")
-    return out[:, 0]
+    return out[:, 0] if patch_scores.ndim == 3 else out
 
 
 def gaussian_kernel1d(

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from anomalens.scoring.maps import upsample
+
 __all__ = [
     "MIN_IMAGES_FOR_DEFAULT_INTERVAL",
     "UNIT_NORM_TOLERANCE",
@@ -308,8 +310,7 @@ def upsample_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tens
     Returns:
         (N, H, W) maps.
     """
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    return F.interpolate(maps[:, None], size=hw, mode="bilinear", align_corners=True)[:, 0]
+    return upsample(maps, size, mode="bilinear", align_corners=True)
 
 
 def max_scores(maps: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "cosine_similarity",
+    "image_logits",
     "nearest_cosine_distance",
     "two_class_anomaly_probability",
 ]
 
-#: CLIP's softmax temperature (logit scale 100 would be 0.01).
+#: Fixed softmax temperature of the image-text similarities of WinCLIP, AdaptCLIP and
+#: AnomalyCLIP (all official 0.07; CLIP's learned logit scale 100 would be 0.01).
 DEFAULT_TEMPERATURE = 0.07
 
 
@@ -36,6 +38,28 @@ def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     q = F.normalize(queries.float(), dim=-1)
     k = F.normalize(keys.float(), dim=-1)
     return q @ k.T
+
+
+def image_logits(
+    global_embedding: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> torch.Tensor:
+    """Cosine logits of images against the two class texts (AdaptCLIP, AnomalyCLIP).
+
+    Computed in the input dtype (differentiable; the training recipes back-propagate through it).
+
+    Args:
+        global_embedding: (B, D) image embeddings (any norm).
+        text_embeddings: (2, D) normal / abnormal text embeddings (any norm).
+        temperature: softmax temperature tau.
+
+    Returns:
+        (B, 2) logits ``cos / tau`` [normal, abnormal].
+    """
+    g = F.normalize(global_embedding, dim=-1)
+    t = F.normalize(text_embeddings, dim=-1)
+    return g @ t.T / temperature
 
 
 def two_class_anomaly_probability(

@@ -9,92 +9,82 @@ every head (VA, TA and each PQA layer):
 BatchNorms use batch statistics (train mode). VA is scored against the fixed static anchors and TA
 with the unadapted visual features, which is how the "alternating" adaptation is realised.
 
-Outputs in ``out``: ``epoch_NNN.safetensors`` (every ``checkpoint_every`` epochs and the last),
-``adapters.safetensors`` (final), ``last.safetensors`` + ``optimizer.pt`` + ``train_state.json``
-(resume), ``loss_log.jsonl`` (one line per step).
+Runs on the loop shared with AnomalyCLIP (``_loop``). Outputs in ``out``: ``epoch_NNN.safetensors``
+(every ``checkpoint_every`` epochs and the last), ``adapters.safetensors`` (final),
+``last.safetensors`` + ``optimizer.pt`` + ``train_state.json`` (resume point after every epoch and
+every ``checkpoint_every_steps`` steps; resuming a run made with other settings is refused),
+``loss_log.jsonl`` (one line per step).
+
+Randomness: the query order and the prompt draws of epoch e come from a local
+``random.Random(seed * 100_003 + e)`` (e 1-based), drawn in full at the start of the epoch, so a
+resumed run (even mid-epoch) repeats an uninterrupted one; the global generators are not touched.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalens.data.io import load_image, load_mask
-from anomalens.data.transforms import resize_mask
-from anomalens.detectors._adaptclip_modules import adaptclip_heads
+from anomalens.data.io import load_image
+from anomalens.detectors._adaptclip_checkpoint import save_adapter_checkpoint
+from anomalens.detectors._adaptclip_modules import AdaptCLIPAdapters
+from anomalens.training._loop import (
+    ProgressFn,
+    TrainConfig,
+    TrainResult,
+    frozen_backbone,
+    load_masks,
+    run_training,
+)
+from anomalens.training.losses import head_loss
 from anomalens.types import Sample
 
 if TYPE_CHECKING:
     from anomalens.backbones.clip import ClipBackbone
     from anomalens.detectors.adaptclip import AdaptCLIP
 
-__all__ = ["TrainResult", "dice_loss", "focal_loss", "head_loss", "train_adaptclip"]
+__all__ = ["AdaptCLIPTrainConfig", "TrainResult", "train_adaptclip"]
+
+#: Backbone preset used when none is given (as the detector's).
+DEFAULT_BACKBONE = "adaptclip-vitl14-336@518"
+#: One query and its prompt of one step.
+Batch = tuple[list[Sample], list[Sample]]
 
 
-# ===================================================================================== losses
-def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Focal loss on probabilities (official form: smoothed one-hot, no alpha).
+@dataclass(frozen=True)
+class AdaptCLIPTrainConfig(TrainConfig):
+    """Settings of :func:`train_adaptclip` (shared ones: :class:`TrainConfig`).
 
-    Args:
-        probs: (B, 2, H, W) class probabilities (channel 1 = abnormal).
-        target: (B, H, W) {0, 1} mask.
-
-    Returns:
-        scalar: mean over pixels of ``-(1 - p_t)^gamma log p_t`` with
-        ``p_t = sum_c clamp(onehot, 1e-5, 1 - 1e-5)_c p_c + 1e-5``.
+    Attributes:
+        batch_size: queries per step (official 8); >= 2, and a last batch of one query is
+            dropped (BatchNorm needs two).
+        seed: seeds the adapter initialisation, the shuffling and the prompt draws.
+        precision: backbone precision (None: fp32 for a preset name; adapters are fp32).
+        init_checkpoint: adapters to start from (ignored when resuming).
+        n_ctx, reduction, pq_mid_dim: adapter sizes of a fresh start.
     """
-    onehot = F.one_hot(target.long(), 2).permute(0, 3, 1, 2).to(probs.dtype)
-    onehot = onehot.clamp(1e-5, 1.0 - 1e-5)
-    pt = (onehot * probs).sum(dim=1) + 1e-5
-    return (-((1.0 - pt) ** gamma) * pt.log()).mean()
 
+    seed: int = 10
+    precision: str | None = None
+    init_checkpoint: str | Path | None = None
+    n_ctx: int = 12
+    reduction: int = 4
+    pq_mid_dim: int = 128
 
-def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft Dice loss per image, averaged over the batch.
-
-    Args:
-        prob: (B, H, W) probabilities.
-        target: (B, H, W) {0, 1} mask.
-
-    Returns:
-        scalar ``mean_b 1 - (2 sum(p g) + 1) / (sum p + sum g + 1)``.
-    """
-    p = prob.flatten(1)
-    g = target.flatten(1).to(prob.dtype)
-    return (1.0 - (2.0 * (p * g).sum(1) + 1.0) / (p.sum(1) + g.sum(1) + 1.0)).mean()
-
-
-def head_loss(
-    logits: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Losses of one head.
-
-    Args:
-        logits: (B, 2) image logits.
-        maps: (B, 2, S, S) probability maps.
-        labels: (B,) long {0, 1}.
-        masks: (B, S, S) {0, 1}.
-
-    Returns:
-        ``global`` (cross-entropy) and ``local`` (focal + both Dice terms) scalars.
-    """
-    local = (
-        focal_loss(maps, masks)
-        + dice_loss(maps[:, 1], masks)
-        + dice_loss(maps[:, 0], 1.0 - masks.to(maps.dtype))
-    )
-    return {"global": F.cross_entropy(logits, labels), "local": local}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 2:
+            raise ValueError(
+                f"AdaptCLIP training needs batch_size >= 2 (BatchNorm), got {self.batch_size}"
+            )
 
 
 # ======================================================================================= data
@@ -125,57 +115,90 @@ def _split_samples(samples: Sequence[Sample]) -> tuple[list[Sample], dict[str, l
     return queries, dict(pools)
 
 
-def _mask(sample: Sample, size: int) -> np.ndarray:
-    if sample.mask_path is None or sample.label == 0:
-        return np.zeros((size, size), dtype=bool)
-    return resize_mask(load_mask(sample.mask_path), size)
+class _AdaptCLIPRecipe:
+    """AdaptCLIP adapters, epoch plan and losses for :func:`run_training`."""
 
+    log_name = "loss_log.jsonl"
+    final_name = "adapters.safetensors"
 
-# =================================================================================== training
-@dataclass
-class TrainResult:
-    """Outcome of :func:`train_adaptclip`.
+    def __init__(
+        self,
+        det: AdaptCLIP,
+        backbone_name: str,
+        queries: list[Sample],
+        pools: dict[str, list[Sample]],
+        config: AdaptCLIPTrainConfig,
+    ) -> None:
+        self.det, self.backbone_name = det, backbone_name
+        self.queries, self.pools, self.config = queries, pools, config
 
-    Attributes:
-        checkpoint: final adapters (``out/adapters.safetensors``).
-        epochs: epochs completed in total (including resumed ones).
-        epoch_losses: mean total loss of every completed epoch.
-        resumed_from: epoch the run resumed after (0 = fresh start).
-    """
+    @property
+    def module(self) -> AdaptCLIPAdapters:
+        return self.det.adapters
 
-    checkpoint: Path
-    epochs: int
-    epoch_losses: list[float] = field(default_factory=list)
-    resumed_from: int = 0
+    def plan(self, epoch: int) -> list[Batch]:
+        """Shuffled query batches (batches of one dropped) and one normal prompt per query."""
+        rng = random.Random(self.config.seed * 100_003 + epoch + 1)
+        order = list(range(len(self.queries)))
+        rng.shuffle(order)
+        size = self.config.batch_size
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        plan = []
+        for batch in (b for b in batches if len(b) >= 2):
+            qs = [self.queries[i] for i in batch]
+            plan.append((qs, [rng.choice(self.pools[q.category]) for q in qs]))
+        return plan
 
+    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Summed global and local losses of every head (VA, TA, each PQA layer)."""
+        det = self.det
+        queries, prompts = batch
+        feats = det.encode([load_image(q.image_path) for q in queries])
+        prompt_feats = det.encode([load_image(p.image_path) for p in prompts])
+        memory = [F.normalize(t[:, 1:].float(), dim=-1) for t in prompt_feats.patch_tokens]
+        labels = torch.tensor([int(q.label > 0) for q in queries], device=det.device)
+        masks = load_masks(queries, det.image_size).to(det.device)
+        heads = det.heads(feats, det.ta_text_embeddings(), memory)
+        assert heads.pq is not None  # memory was given
+        parts = {
+            "va": head_loss(heads.va_logits, heads.va_map, labels, masks),
+            "ta": head_loss(heads.ta_logits, heads.ta_map, labels, masks),
+        }
+        for i, layer in enumerate(det.layers):
+            parts[f"pq{layer}"] = head_loss(
+                heads.pq.logits[:, i], heads.pq.maps[:, i], labels, masks
+            )
+        total: torch.Tensor | None = None
+        for p in parts.values():  # summed in order (as the first version: same rounding)
+            term = p["global"] + p["local"]
+            total = term if total is None else total + term
+        assert total is not None
+        out = {"loss": total}
+        for name, p in parts.items():
+            out[f"{name}_global"] = p["global"]
+            out[f"{name}_local"] = p["local"]
+        return out
 
-def _read_log(path: Path, max_epoch: int) -> list[dict[str, float]]:
-    """Loss log lines of epochs <= max_epoch (later ones belong to an interrupted epoch)."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["epoch"] <= max_epoch]
+    def save(self, path: Path, extra: Mapping[str, Any]) -> None:
+        adapters = self.det.adapters
+        save_adapter_checkpoint(
+            path,
+            adapters.state_dict(),
+            adapters.config,
+            extra={"backbone": self.backbone_name, **extra},
+        )
+
+    def load(self, path: Path) -> None:
+        self.det.load_checkpoint(path)
 
 
 def train_adaptclip(
     samples: Sequence[Sample],
-    backbone: str | ClipBackbone = "adaptclip-vitl14-336@518",
+    backbone: str | ClipBackbone = DEFAULT_BACKBONE,
     out: str | Path = "runs/adaptclip",
-    epochs: int = 15,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.5, 0.999),
-    seed: int = 10,
+    config: AdaptCLIPTrainConfig | None = None,
     *,
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-    checkpoint_every: int = 1,
-    resume: bool = True,
-    init_checkpoint: str | Path | None = None,
-    n_ctx: int = 12,
-    reduction: int = 4,
-    pq_mid_dim: int = 128,
-    progress: Callable[[dict[str, float]], None] | None = None,
+    progress: bool | ProgressFn = False,
 ) -> TrainResult:
     """Train the AdaptCLIP adapters.
 
@@ -183,134 +206,49 @@ def train_adaptclip(
         samples: auxiliary dataset index: ``test`` samples are the queries (labels and masks
             used), ``train`` normal samples the prompt pools per category.
         backbone: CLIP preset name or ``ClipBackbone`` (frozen).
-        out: output folder (created).
-        epochs: total epochs (official 15).
-        batch_size: queries per step (official 8); a last batch of one image is dropped
-            (BatchNorm needs two).
-        lr, betas: Adam settings (official 1e-3, (0.5, 0.999)).
-        seed: seeds the adapter initialisation, the shuffling and the prompt draws.
-        device, precision: where / how the backbone runs (adapters are fp32).
-        checkpoint_every: write ``epoch_NNN.safetensors`` every this many epochs.
-        resume: continue from ``out/train_state.json`` if present.
-        init_checkpoint: adapters to start from (ignored when resuming).
-        n_ctx, reduction, pq_mid_dim: adapter sizes of a fresh start.
-        progress: called after every step with the loss-log row.
+        out: output folder (created; see the module docstring).
+        config: settings (default: the official ones).
+        progress: True for a tqdm bar, or a callable called after every step with the loss-log
+            row.
 
     Returns:
-        :class:`TrainResult`.
-    """
-    from anomalens.registry import create_detector
+        :class:`TrainResult`; ``checkpoint`` is ``out/adapters.safetensors``.
 
-    if epochs < 1 or batch_size < 2 or checkpoint_every < 1:
-        raise ValueError("need epochs >= 1, batch_size >= 2 and checkpoint_every >= 1")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    Raises:
+        ValueError: no query, a category without a normal prompt image, bad settings, or a
+            resume state with different settings.
+    """
+    from anomalens.detectors.adaptclip import AdaptCLIP
+
+    config = config or AdaptCLIPTrainConfig()
     queries, pools = _split_samples(samples)
-    state_file, log_file = out / "train_state.json", out / "loss_log.jsonl"
-    start = 0
-    if resume and state_file.is_file():
-        start = int(json.loads(state_file.read_text())["epoch"])
+    bb, name = frozen_backbone(backbone, config, config.precision)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="AdaptCLIP adapters are untrained")
-        det = create_detector(
-            "adaptclip",
-            backbone=backbone,
-            checkpoint=(out / "last.safetensors") if start else init_checkpoint,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            n_ctx=n_ctx,
-            reduction=reduction,
-            pq_mid_dim=pq_mid_dim,
-            seed=seed,
+        det = AdaptCLIP(
+            bb,
+            checkpoint=config.init_checkpoint,
+            device=config.device,
+            batch_size=config.batch_size,
+            n_ctx=config.n_ctx,
+            reduction=config.reduction,
+            pq_mid_dim=config.pq_mid_dim,
+            seed=config.seed,
         )
-    adapters = det.adapters
-    adapters.train()
-    optimizer = torch.optim.Adam(adapters.parameters(), lr=lr, betas=betas)
-    if start:
-        optimizer.load_state_dict(
-            torch.load(out / "optimizer.pt", map_location=det.device, weights_only=True)
-        )
-    log_rows = _read_log(log_file, start)
-    log_file.write_text("".join(json.dumps(r) + "\n" for r in log_rows))
-    size = det.image_size
-    step = len(log_rows)
-    for epoch in range(start + 1, epochs + 1):
-        rng = random.Random(seed * 100_003 + epoch)
-        torch.manual_seed(seed * 100_003 + epoch)
-        order = list(range(len(queries)))
-        rng.shuffle(order)
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        batches = [b for b in batches if len(b) >= 2]
-        for batch in batches:
-            qs = [queries[i] for i in batch]
-            prompts = [rng.choice(pools[q.category]) for q in qs]
-            row = _train_step(det, optimizer, qs, prompts, size)
-            step += 1
-            row.update({"epoch": epoch, "step": step})
-            with log_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            if progress is not None:
-                progress(row)
-        if epoch % checkpoint_every == 0 or epoch == epochs:
-            det.save_checkpoint(out / f"epoch_{epoch:03d}.safetensors")
-        det.save_checkpoint(out / "last.safetensors")
-        torch.save(optimizer.state_dict(), out / "optimizer.pt")
-        state_file.write_text(json.dumps({"epoch": epoch, "epochs": epochs, "seed": seed}))
-    final = out / "adapters.safetensors"
-    shutil.copyfile(out / "last.safetensors", final)
-    rows = _read_log(log_file, epochs)
-    per_epoch: dict[int, list[float]] = defaultdict(list)
-    for r in rows:
-        per_epoch[int(r["epoch"])].append(float(r["loss"]))
-    adapters.eval()
-    return TrainResult(
-        checkpoint=final,
-        epochs=max(per_epoch, default=start),
-        epoch_losses=[float(np.mean(per_epoch[e])) for e in sorted(per_epoch)],
-        resumed_from=start,
-    )
-
-
-def _train_step(
-    det: AdaptCLIP,
-    optimizer: torch.optim.Optimizer,
-    queries: list[Sample],
-    prompts: list[Sample],
-    size: int,
-) -> dict[str, float]:
-    """One optimisation step on a batch of queries with one normal prompt each."""
-    feats = det.encode([load_image(q.image_path) for q in queries])
-    prompt_feats = det.encode([load_image(p.image_path) for p in prompts])
-    memory = [F.normalize(t[:, 1:].float(), dim=-1) for t in prompt_feats.patch_tokens]
-    labels = torch.tensor([int(q.label > 0) for q in queries], device=det.device)
-    masks = torch.from_numpy(np.stack([_mask(q, size) for q in queries])).float().to(det.device)
-    heads = adaptclip_heads(
-        det.adapters,
-        [t.float() for t in feats.patch_tokens],
-        feats.global_embedding.float(),
-        tuple(feats.grid_size),
-        size,
-        det.static_text,
-        det.ta_text_embeddings(),
-        memory,
-        det.temperature,
-    )
-    parts = {
-        "va": head_loss(heads["va_logits"], heads["va_map"], labels, masks),
-        "ta": head_loss(heads["ta_logits"], heads["ta_map"], labels, masks),
+    settings = {
+        "backbone": name,
+        "image_size": det.image_size,
+        "precision": det.precision,
+        "layers": list(det.layers),
+        "vv_start": det.vv_start,
+        "lr": config.lr,
+        "betas": list(config.betas),
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "num_queries": len(queries),
+        "num_prompts": sum(len(p) for p in pools.values()),
+        "init_checkpoint": None if config.init_checkpoint is None else str(config.init_checkpoint),
+        **det.adapters.config.to_dict(),
     }
-    for i, layer in enumerate(det.layers):
-        parts[f"pq{layer}"] = head_loss(
-            heads["pq_logits"][:, i], heads["pq_maps"][:, i], labels, masks
-        )
-    total = sum(p["global"] + p["local"] for p in parts.values())
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()  # type: ignore[union-attr]
-    optimizer.step()
-    det._ta_text = None  # the TA prompts changed
-    row = {"loss": float(total.detach())}  # type: ignore[union-attr]
-    for name, p in parts.items():
-        row[f"{name}_global"] = float(p["global"].detach())
-        row[f"{name}_local"] = float(p["local"].detach())
-    return row
+    recipe = _AdaptCLIPRecipe(det, name, queries, pools, config)
+    return run_training(recipe, out, config, settings, progress=progress, desc="adaptclip")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from anomalens._fileio import atomic_write_bytes
 
 __all__ = ["add_train_parser", "collect_samples", "run_train"]
 
@@ -73,52 +74,48 @@ def run_train(args: argparse.Namespace) -> int:
     run_dir, final = _run_dir(args.out)
     test = collect_samples(args.dataset, args.root, args.categories, "test")
     common: dict[str, Any] = {
-        "out": run_dir,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "device": args.device,
+        "image_size": args.image_size,
         "resume": not args.no_resume,
     }
     if args.seed is not None:
         common["seed"] = args.seed
     if args.method == "adaptclip":
-        from tqdm.auto import tqdm
-
-        from anomalens.backbones.clip import ClipBackbone
-        from anomalens.training.adaptclip import train_adaptclip
+        from anomalens.training.adaptclip import (
+            DEFAULT_BACKBONE,
+            AdaptCLIPTrainConfig,
+            train_adaptclip,
+        )
 
         train = collect_samples(args.dataset, args.root, args.categories, "train")
-        backbone: Any = args.backbone or "adaptclip-vitl14-336@518"
-        if args.image_size:
-            backbone = ClipBackbone.from_preset(
-                backbone, image_size=args.image_size, device=args.device
-            )
-        bar = tqdm(desc="train adaptclip", unit="step", disable=args.quiet)
-
-        def on_step(row: dict[str, float]) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", epoch=row.get("epoch"))
-
-        result = train_adaptclip(list(test) + list(train), backbone, progress=on_step, **common)
-        bar.close()
-        ckpt = result.checkpoint
-        print(
-            f"trained {result.epochs} epochs (resumed after epoch {result.resumed_from}); losses per epoch: "
-            + ", ".join(f"{x:.4f}" for x in result.epoch_losses)
+        result = train_adaptclip(
+            list(test) + list(train),
+            args.backbone or DEFAULT_BACKBONE,
+            run_dir,
+            AdaptCLIPTrainConfig(**common),
+            progress=not args.quiet,
         )
     else:
-        from anomalens.training.anomalyclip import train_anomalyclip
+        from anomalens.detectors.anomalyclip import DEFAULT_BACKBONE as ANOMALYCLIP_BACKBONE
+        from anomalens.training.anomalyclip import AnomalyCLIPTrainConfig, train_anomalyclip
 
-        kwargs = dict(common)
-        if args.backbone:
-            kwargs["backbone"] = args.backbone
-        ckpt = train_anomalyclip(
-            test, image_size=args.image_size, progress=not args.quiet, **kwargs
+        result = train_anomalyclip(
+            test,
+            args.backbone or ANOMALYCLIP_BACKBONE,
+            run_dir,
+            AnomalyCLIPTrainConfig(**common),
+            progress=not args.quiet,
         )
+    print(
+        f"trained {result.epochs} epochs (resumed after epoch {result.resumed_from}); "
+        "losses per epoch: " + ", ".join(f"{x:.4f}" for x in result.epoch_losses)
+    )
+    ckpt = result.checkpoint
     if final is not None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ckpt, final)
+        atomic_write_bytes(final, ckpt.read_bytes())
         ckpt = final
     print(f"checkpoint: {ckpt}  (use it with --checkpoint {ckpt})")
     return 0
