@@ -12,8 +12,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -286,14 +286,17 @@ def _profile_out(p: Profile) -> ProfileOut:
     )
 
 
+@contextmanager
 def _read_uploads(
     files: list[UploadFile], settings: ServiceSettings, gate: PixelGate
-) -> tuple[list[DecodedImage], list[dict[str, str]]]:
+) -> Iterator[tuple[list[DecodedImage], list[dict[str, str]]]]:
     """Decode a request's uploads within the per-image, per-request and in-flight budgets.
 
     Every header is read first: a request whose images would decode (after reduction to
     ``settings.working_size``) to more than ``settings.max_request_pixels`` is refused before
-    any pixel is decoded.
+    any pixel is decoded. The request then holds its pixels in ``gate`` (its largest image
+    while decoding, or all it keeps, whichever is more) until the ``with`` block ends, so
+    the decoded images of all requests in flight stay within ``settings.decode_pixels``.
     """
     if len(files) > settings.max_files:
         raise ServiceError(
@@ -303,7 +306,7 @@ def _read_uploads(
         )
     bad: list[dict[str, str]] = []
     accepted: list[tuple[bytes, str | None]] = []
-    total = 0
+    total = largest = 0
     for f in files:
         data = f.file.read()
         try:
@@ -312,6 +315,7 @@ def _read_uploads(
             bad.append({"file_name": clean_file_name(f.filename), "message": exc.message})
             continue
         total += kept_pixels(w, h, settings.working_size)
+        largest = max(largest, w * h)
         accepted.append((data, f.filename))
     if total > settings.max_request_pixels:
         raise ServiceError(
@@ -322,13 +326,15 @@ def _read_uploads(
             f"{settings.max_request_pixels} (ANOMALENS_MAX_REQUEST_PIXELS): send fewer or "
             "smaller images per request",
         )
-    good = []
-    for data, name in accepted:
-        try:
-            good.append(decode_image(data, name, working_size=settings.working_size, gate=gate))
-        except ServiceError as exc:
-            bad.append({"file_name": clean_file_name(name), "message": exc.message})
-    return good, bad
+    with gate.hold(max(largest, total)):
+        good = []
+        for data, name in accepted:
+            try:
+                good.append(decode_image(data, name, working_size=settings.working_size))
+            except ServiceError as exc:
+                bad.append({"file_name": clean_file_name(name), "message": exc.message})
+        del accepted
+        yield good, bad
 
 
 def _require_some(good: list[DecodedImage], bad: list[dict[str, str]]) -> None:
@@ -564,11 +570,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         ):
             if value not in (None, ""):
                 opts[key] = value
-        good, bad = _read_uploads(list(files or []), settings, gate)
-        if bad:  # a profile is made from exactly what was sent, or not at all
-            raise ServiceError(400, "bad_image", "; ".join(b["message"] for b in bad[:5]))
         policy = ThresholdPolicy(threshold_mode, threshold, percentile, margin)
-        profile, detector = profiles.create(name, method, opts, good, policy)
+        policy.check()
+        with _read_uploads(list(files or []), settings, gate) as (good, bad):
+            if bad:  # a profile is made from exactly what was sent, or not at all
+                raise ServiceError(400, "bad_image", "; ".join(b["message"] for b in bad[:5]))
+            profile, detector = profiles.create(name, method, opts, good, policy)
         engine.cache.put(profile, detector)
         return _profile_out(profile)
 
@@ -597,9 +604,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 f"{len(files)} images is more than {settings.sync_batch_limit} per /inspect call; "
                 f"submit them as a job: POST /api/profiles/{name}/jobs",
             )
-        good, bad = _read_uploads(files, settings, gate)
-        _require_some(good, bad)
-        records = engine.inspect(profile, good, queued_at=arrived)
+        with _read_uploads(files, settings, gate) as (good, bad):
+            _require_some(good, bad)
+            records = engine.inspect(profile, good, queued_at=arrived)
         return InspectOut(
             profile=name,
             results=[record_to_out(r) for r in records],
@@ -621,20 +628,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         profile.threshold_obj()  # a broken profile is refused before anything is stored
         if key is not None and (known := store.find_job(name, key)) is not None:
             return _job_out(known, store)
-        good, bad = _read_uploads(files, settings, gate)
-        _require_some(good, bad)
-        for im in good:  # the pending images, where the engine keeps inspected ones
-            path = _stored_image_path(data_dir, im.sha256)
-            if not path.exists():
-                atomic_save_png(path, im.array)
-        job = store.create_job(
-            uuid.uuid4().hex,
-            name,
-            profile.uid,
-            [(im.file_name, im.sha256) for im in good],
-            bad,
-            idempotency_key=key,
-        )
+        with _read_uploads(files, settings, gate) as (good, bad):
+            _require_some(good, bad)
+            for im in good:  # the pending images, where the engine keeps inspected ones
+                path = _stored_image_path(data_dir, im.sha256)
+                if not path.exists():
+                    atomic_save_png(path, im.array)
+            items = [(im.file_name, im.sha256) for im in good]
+            good.clear()  # the pixels are on disk now; the job reads them back batch by batch
+        job = store.create_job(uuid.uuid4().hex, name, profile.uid, items, bad, idempotency_key=key)
         jobs.start(job.id)
         return _job_out(job, store)
 
