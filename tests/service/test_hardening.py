@@ -322,3 +322,26 @@ def test_seconds_are_compute_and_queue_is_reported_apart(
         )
     csv_head = client.get("/api/results.csv").text.splitlines()[0]
     assert "queue_seconds" in csv_head
+
+
+def test_inspect_retry_with_the_same_key_stores_nothing_new(
+    make_client: MakeClient, seeded_dir: Path, washer: dict
+) -> None:
+    client = make_client(seeded_dir)
+    files = as_files([*washer["defect"][:1], ("junk.png", b"junk")])
+    first = client.post(
+        "/api/profiles/washer/inspect", files=files, headers={"Idempotency-Key": "part-7"}
+    )
+    again = client.post(
+        "/api/profiles/washer/inspect", files=files, headers={"Idempotency-Key": "part-7"}
+    )
+    assert first.status_code == again.status_code == 200
+    assert [r["id"] for r in again.json()["results"]] == [r["id"] for r in first.json()["results"]]
+    assert again.json()["errors"] == first.json()["errors"] != []
+    assert client.get("/api/results").json()["total"] == 1
+    other = client.post(
+        "/api/profiles/washer/inspect", files=files, headers={"Idempotency-Key": "part-8"}
+    )
+    assert other.status_code == 200 and client.get("/api/results").json()["total"] == 2
+    bad = client.post("/api/profiles/washer/inspect", files=files, headers={"Idempotency-Key": ""})
+    assert bad.status_code == 422

@@ -591,12 +591,26 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         return _profile_out(p)
 
     @api.post("/profiles/{name}/inspect", response_model=InspectOut, tags=["inspect"])
-    def inspect(name: str, files: list[UploadFile] = File(..., description="images")) -> InspectOut:
-        """Inspect up to ``sync_batch_limit`` images and wait for the results."""
+    def inspect(
+        request: Request, name: str, files: list[UploadFile] = File(..., description="images")
+    ) -> InspectOut:
+        """Inspect up to ``sync_batch_limit`` images and wait for the results.
+
+        A retry with the same ``Idempotency-Key`` header returns the results of the first
+        request instead of inspecting again.
+        """
         t0 = time.perf_counter()
         arrived = time.time()
+        key = _idempotency_key(request)
         profile = profiles.get(name)
         profile.threshold_obj()  # a broken profile is refused before anything is stored
+        if key is not None and (known := store.recall_inspection(name, key)) is not None:
+            return InspectOut(
+                profile=name,
+                results=[record_to_out(r) for r in known[0]],
+                errors=known[1],  # type: ignore[arg-type]
+                seconds=time.perf_counter() - t0,
+            )
         if len(files) > settings.sync_batch_limit:
             raise ServiceError(
                 413,
@@ -607,6 +621,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         with _read_uploads(files, settings, gate) as (good, bad):
             _require_some(good, bad)
             records = engine.inspect(profile, good, queued_at=arrived)
+        if key is not None:
+            store.remember_inspection(name, key, [r["id"] for r in records], bad)
         return InspectOut(
             profile=name,
             results=[record_to_out(r) for r in records],

@@ -76,6 +76,16 @@ job_items = sa.Table(
     sa.Column("record_id", sa.Integer, nullable=True),
 )
 
+inspect_keys = sa.Table(
+    "anomalens_inspect_keys",
+    metadata,
+    sa.Column("profile", sa.String(64), primary_key=True),
+    sa.Column("idempotency_key", sa.String(200), primary_key=True),
+    sa.Column("record_ids", sa.Text, nullable=False),
+    sa.Column("errors", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=False), nullable=False),
+)
+
 #: Job states; ``queued`` and ``running`` ones are resumed at start-up.
 UNFINISHED = ("queued", "running")
 
@@ -383,6 +393,44 @@ class ResultStore:
                 .order_by(it.idx)
             ).all()
         return [_row_dict(r) for r in rows]
+
+    # ------------------------------------------------------------------ inspect keys
+    def remember_inspection(
+        self,
+        profile: str,
+        idempotency_key: str,
+        record_ids: Sequence[int],
+        errors: list[dict[str, str]],
+    ) -> None:
+        """Map a ``/inspect`` request's ``Idempotency-Key`` to the results it stored."""
+        row = {
+            "profile": profile,
+            "idempotency_key": idempotency_key,
+            "record_ids": json.dumps(list(record_ids)),
+            "errors": json.dumps(errors),
+            "created_at": utc_naive(datetime.now(timezone.utc)),
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(inspect_keys).values(**row))
+        except sa.exc.IntegrityError:
+            pass  # a concurrent request with the same key stored its answer first
+
+    def recall_inspection(
+        self, profile: str, idempotency_key: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, str]]] | None:
+        """The results and upload errors of an earlier request with this key, or None."""
+        k = inspect_keys.c
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(k.record_ids, k.errors).where(
+                    k.profile == profile, k.idempotency_key == idempotency_key
+                )
+            ).first()
+        if row is None:
+            return None
+        records = [self.get(int(i)) for i in json.loads(row[0])]
+        return [r for r in records if r is not None], json.loads(row[1])
 
     # ------------------------------------------------------------------ reads
     def get(self, record_id: int) -> dict[str, Any] | None:
