@@ -137,6 +137,15 @@ def test_cross_origin_requests_are_refused(
     assert [p["name"] for p in client.get("/api/profiles").json()] == ["washer"]
     same = {"Origin": "http://127.0.0.1:8000", "Sec-Fetch-Site": "same-origin"}
     assert client.post("/api/profiles/washer/inspect", files=files, headers=same).status_code == 200
+    # behind a proxy that rewrites Host, the public name must be listed to count as this server
+    proxied = {"Origin": "https://inspect.example"}
+    assert (
+        client.post("/api/profiles/washer/inspect", files=files, headers=proxied).status_code == 403
+    )
+    listed = make_client(seeded_dir, allowed_hosts=("inspect.example",))
+    assert (
+        listed.post("/api/profiles/washer/inspect", files=files, headers=proxied).status_code == 200
+    )
 
 
 def test_api_needs_the_client_header_or_token(make_client: MakeClient, seeded_dir: Path) -> None:

@@ -171,6 +171,16 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
 
+def _same_origin(origin: str, host: str, settings: ServiceSettings) -> bool:
+    """``Origin`` names this server: the ``Host`` the request came to, or (behind a reverse
+    proxy that rewrites ``Host``) a name listed in ``allowed_hosts``."""
+    parts = urlsplit(origin)
+    if parts.netloc.lower() == host.lower():
+        return True
+    name = (parts.hostname or "").lower()
+    return bool(name) and name in settings.allowed_hosts
+
+
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     body = {"error": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -503,7 +513,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 return _error(
                     403, "cross_site", f"cross-site {request.method} refused ({site} request)"
                 )
-            if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+            if origin is not None and not _same_origin(origin, host, settings):
                 return _error(
                     403,
                     "cross_site",
