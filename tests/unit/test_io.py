@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _bad_images import png_bytes_of_size
 from PIL import Image
 
+from _bad_images import png_bytes_of_size
 from anomalens.data import io as aio
 from anomalens.data.io import ImageReadError, as_rgb_array, list_images, load_image, load_mask
 
@@ -86,6 +86,19 @@ def test_missing_file_and_folder(tmp_path: Path) -> None:
         load_image(tmp_path / "missing.png")
     with pytest.raises(ImageReadError, match="is a folder"):
         load_image(tmp_path)
+
+
+def test_links_and_fifos_are_named_not_waited_on(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    for name in ("dangling.png", "loop.png"):
+        with pytest.raises(ImageReadError, match="symbolic link to nothing"):
+            load_image(tmp_path / name)
+    with pytest.raises(ImageReadError, match=r"fifo\.png: not a regular file"):
+        load_image(tmp_path / "fifo.png")
 
 
 def test_pixel_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -81,9 +81,13 @@ def _let_pillow_allow(limit: int) -> None:
 
 def _check_path(path: Path) -> None:
     if not path.exists():
+        if path.is_symlink():
+            raise ImageReadError(path, "symbolic link to nothing (dangling, or a loop)")
         raise ImageReadError(path, "file does not exist")
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not an image file")
+    if not path.is_file():  # opening a FIFO would wait forever
+        raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty")
 
