@@ -211,7 +211,7 @@ def _redactor(data_dir: Path) -> Callable[[str], str]:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    redact = _redactor(app.state.data_dir)
+    redact = app.state.redact
 
     @app.exception_handler(ServiceError)
     async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
@@ -357,7 +357,7 @@ def _require_some(good: list[DecodedImage], bad: list[dict[str, str]]) -> None:
         )
 
 
-def _job_out(job: JobRow, store: ResultStore) -> JobOut:
+def _job_out(job: JobRow, store: ResultStore, redact: Callable[[str], str] = lambda m: m) -> JobOut:
     return JobOut(
         id=job.id,
         profile=job.profile,
@@ -366,7 +366,7 @@ def _job_out(job: JobRow, store: ResultStore) -> JobOut:
         done=job.done,
         results=[record_to_out(r) for r in store.job_results(job.id)],
         errors=job.errors,  # type: ignore[arg-type]
-        message=job.message,
+        message=redact(job.message) if job.message else job.message,
         created_at=job.created_at,
         finished_at=job.finished_at,
         links={"self": f"/api/jobs/{job.id}"},
@@ -428,6 +428,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.data_dir = data_dir
+    app.state.redact = redact = _redactor(data_dir)
     gate = PixelGate(settings.decode_pixels)
     profiles = ProfileStore(data_dir / "profiles")
     store = ResultStore(settings.resolved_database_url)
@@ -653,7 +654,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         profile = profiles.get(name)
         profile.threshold_obj()  # a broken profile is refused before anything is stored
         if key is not None and (known := store.find_job(name, key)) is not None:
-            return _job_out(known, store)
+            return _job_out(known, store, redact)
         with _read_uploads(files, settings, gate) as (good, bad):
             _require_some(good, bad)
             for im in good:  # the pending images, where the engine keeps inspected ones
@@ -664,15 +665,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             good.clear()  # the pixels are on disk now; the job reads them back batch by batch
         job = store.create_job(uuid.uuid4().hex, name, profile.uid, items, bad, idempotency_key=key)
         jobs.start(job.id)
-        return _job_out(job, store)
+        return _job_out(job, store, redact)
 
     @api.get("/jobs", response_model=list[JobOut], tags=["inspect"])
     def list_jobs() -> list[JobOut]:
-        return [_job_out(j, store) for j in jobs.list()]
+        return [_job_out(j, store, redact) for j in jobs.list()]
 
     @api.get("/jobs/{job_id}", response_model=JobOut, tags=["inspect"])
     def get_job(job_id: str) -> JobOut:
-        return _job_out(jobs.get(job_id), store)
+        return _job_out(jobs.get(job_id), store, redact)
 
     def _filters(
         profile: str | None = Query(None),
