@@ -11,11 +11,35 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["atomic_save_png", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_save_png",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "current_umask",
+]
+
+
+def current_umask() -> int:
+    """The process's file-creation mask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``.
+
+    The file gets the mode an ordinary ``open(path, "w")`` would give (0666 less the umask),
+    not the 0600 of the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -23,6 +47,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:

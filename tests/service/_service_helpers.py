@@ -10,6 +10,11 @@ DETECTOR_FORM = {
     "image_size": "64",
 }
 Upload = tuple[str, bytes]
+#: The test clients talk to the server as its own page does: a loopback Host, the client header.
+BASE_URL = "http://127.0.0.1:8000"
+CLIENT_HEADERS = {"X-Anomalens-Client": "1"}
+#: A token that passes the strength rule.
+TOKEN = "s3cret-token-0123456789"
 
 
 def as_files(uploads: list[Upload]) -> list[tuple[str, tuple[str, bytes, str]]]:

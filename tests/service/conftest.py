@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from _service_helpers import DETECTOR_FORM, Upload, as_files
+from _service_helpers import BASE_URL, CLIENT_HEADERS, DETECTOR_FORM, Upload, as_files
 
 from anomalens.data.synthetic import generate_synthetic_dataset
 
@@ -64,7 +64,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
 
     def make(data_dir: Path | None = None, **settings: object) -> TestClient:
         s = ServiceSettings(data_dir=data_dir or tmp_path / "data", **settings)  # type: ignore[arg-type]
-        client = TestClient(create_app(s))
+        client = TestClient(create_app(s), base_url=BASE_URL, headers=CLIENT_HEADERS)
         client.__enter__()
         clients.append(client)
         return client
@@ -85,7 +85,8 @@ def profile_template(
     from anomalens.service import ServiceSettings, create_app
 
     data = tmp_path_factory.mktemp("template") / "data"
-    with TestClient(create_app(ServiceSettings(data_dir=data))) as client:
+    app = create_app(ServiceSettings(data_dir=data))
+    with TestClient(app, base_url=BASE_URL, headers=CLIENT_HEADERS) as client:
         r = client.post(
             "/api/profiles",
             data={"name": "washer", **DETECTOR_FORM},

@@ -19,7 +19,7 @@ pytest.importorskip(
 pytest.importorskip(
     "sqlalchemy", reason="service tests need the serve extra: pip install 'anomalens[serve]'"
 )
-from _service_helpers import DETECTOR_FORM, Upload, as_files
+from _service_helpers import DETECTOR_FORM, TOKEN, Upload, as_files
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -293,7 +293,7 @@ def test_upload_size_limit(make_client: Callable[..., TestClient], seeded_dir: P
 
 
 def test_token_required(make_client: Callable[..., TestClient], seeded_dir: Path) -> None:
-    client = make_client(seeded_dir, token="s3cret-token")
+    client = make_client(seeded_dir, token=TOKEN)
     assert client.get("/api/health").json()["auth"] is True  # health is open
     r = client.get("/api/profiles")
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"
@@ -303,10 +303,9 @@ def test_token_required(make_client: Callable[..., TestClient], seeded_dir: Path
         == 401
     )
     assert (
-        client.get("/api/profiles", headers={"Authorization": "Bearer s3cret-token"}).status_code
-        == 200
+        client.get("/api/profiles", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     )
-    assert client.get("/api/profiles", headers={"X-Token": "s3cret-token"}).status_code == 200
+    assert client.get("/api/profiles", headers={"X-Token": TOKEN}).status_code == 200
     assert client.get("/api/results.csv").status_code == 401
     assert client.get("/").status_code == 200  # the page itself holds no data
 

@@ -16,12 +16,17 @@ def test_env_then_overrides(tmp_path: Path) -> None:
         "ANOMALENS_HOST": "0.0.0.0",
         "ANOMALENS_PORT": "9001",
         "ANOMALENS_DATA_DIR": str(tmp_path),
-        "ANOMALENS_TOKEN": "tok-12345678",
+        "ANOMALENS_TOKEN": "tok-1234567890abcdef",
         "ANOMALENS_DATABASE_URL": "postgresql+psycopg://u:p@h/db",
         "ANOMALENS_MAX_UPLOAD_MB": "2.5",
     }
     s = ServiceSettings.from_env(env)
-    assert (s.host, s.port, s.data_dir, s.token) == ("0.0.0.0", 9001, tmp_path, "tok-12345678")
+    assert (s.host, s.port, s.data_dir, s.token) == (
+        "0.0.0.0",
+        9001,
+        tmp_path,
+        "tok-1234567890abcdef",
+    )
     assert s.max_upload_bytes == int(2.5 * 1024 * 1024)
     assert s.resolved_database_url == "postgresql+psycopg://u:p@h/db"
     s2 = ServiceSettings.from_env(env, host="127.0.0.1", port=None, data_dir=str(tmp_path / "x"))
@@ -67,7 +72,7 @@ def test_is_loopback(host: str, loop: bool) -> None:
 def test_non_loopback_needs_token() -> None:
     with pytest.raises(UnsafeBindError, match="ANOMALENS_TOKEN"):
         ServiceSettings(host="0.0.0.0").check_bind()
-    ServiceSettings(host="0.0.0.0", token="long-enough-token").check_bind()
+    ServiceSettings(host="0.0.0.0", token="long-enough-token-0123").check_bind()
     ServiceSettings(host="127.0.0.1").check_bind()
 
 

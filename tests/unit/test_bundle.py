@@ -127,3 +127,84 @@ def test_hf_ids_cannot_escape_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match=r"'\.\.'"):
         resolve_weights("hf-hub:org/repo/../../secret.bin")
+
+
+def _bundle_with(tmp_path: Path, manifest_size: int, payload: bytes) -> Path:
+    import hashlib
+    import json
+
+    manifest = {
+        "format": "anomalens-weights-bundle/1",
+        "files": [
+            {"path": "w.bin", "size": manifest_size, "sha256": hashlib.sha256(payload).hexdigest()}
+        ],
+    }
+    out = tmp_path / f"b{manifest_size}.tar"
+    with tarfile.open(out, "w") as t:
+        for name, data in (("MANIFEST.json", json.dumps(manifest).encode()), ("w.bin", payload)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return out
+
+
+def test_unpack_checks_the_declared_size_before_writing(tmp_path, monkeypatch):
+    import builtins
+
+    bundle = _bundle_with(tmp_path, 10, b"z" * 3_000_000)
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy(file, mode="r", *a, **kw):  # records every file opened for writing
+        if "w" in mode:
+            opened.append(str(file))
+        return real_open(file, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    with pytest.raises(BundleError, match=r"'w\.bin' is 3000000 bytes but its manifest says 10"):
+        unpack_weights(bundle, tmp_path / "cache")
+    monkeypatch.undo()
+    assert not any(p.endswith("w.bin") for p in opened)  # refused before a byte was written
+    assert not (tmp_path / "cache").exists()
+    ok = _bundle_with(tmp_path, 5, b"12345")
+    assert [p.read_bytes() for p in unpack_weights(ok, tmp_path / "cache")] == [b"12345"]
+
+
+def test_corrupt_safetensors_name_the_file(tmp_path):
+    from anomalens.backbones.clip import load_state_dict_file
+    from anomalens.backbones.cnn import read_state_dict
+    from anomalens.backbones.weights import read_checkpoint
+
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    for read in (
+        lambda: read_checkpoint(bad, "AdaptCLIP checkpoint"),
+        lambda: read_state_dict(bad),
+        lambda: load_state_dict_file(bad),
+    ):
+        with pytest.raises(ValueError, match=r"broken\.safetensors: not a valid safetensors file"):
+            read()
+
+
+def test_names_in_cache_only_never_reads_the_working_directory(tmp_path, monkeypatch):
+    from anomalens.backbones.weights import names_in_cache_only, read_checkpoint
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "only-here.pth").write_bytes(b"x")
+    (cache / "cached.pth").write_bytes(b"y")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("ANOMALENS_CACHE", str(cache))
+    monkeypatch.setenv("ANOMALENS_OFFLINE", "1")
+    assert resolve_weights("only-here.pth") == Path("only-here.pth")  # the CLI still may
+    with names_in_cache_only():
+        assert resolve_weights("cached.pth") == cache / "cached.pth"
+        with pytest.raises(WeightNotAvailableError, match="not in the weight cache"):
+            resolve_weights("only-here.pth")
+        with pytest.raises(WeightNotAvailableError, match="not a path"):
+            resolve_weights(str(work / "only-here.pth"))
+        with pytest.raises(WeightNotAvailableError, match="not in the weight cache"):
+            read_checkpoint("only-here.pth", "AdaptCLIP checkpoint")
+    assert resolve_weights("cached.pth") == cache / "cached.pth"

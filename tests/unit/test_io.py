@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _bad_images import png_bytes_of_size
 from anomalens.data import io as aio
 from anomalens.data.io import ImageReadError, as_rgb_array, list_images, load_image, load_mask
 
@@ -87,11 +88,87 @@ def test_missing_file_and_folder(tmp_path: Path) -> None:
         load_image(tmp_path)
 
 
+def test_links_and_fifos_are_named_not_waited_on(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    for name in ("dangling.png", "loop.png"):
+        with pytest.raises(ImageReadError, match="symbolic link to nothing"):
+            load_image(tmp_path / name)
+    with pytest.raises(ImageReadError, match=r"fifo\.png: not a regular file"):
+        load_image(tmp_path / "fifo.png")
+
+
 def test_pixel_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _save(np.zeros((10, 10), np.uint8), tmp_path / "big.png")
-    monkeypatch.setattr(aio, "MAX_PIXELS", 50)
-    with pytest.raises(ImageReadError, match="exceeds the limit of 50"):
+    monkeypatch.setenv("ANOMALENS_MAX_PIXELS", "50")
+    with pytest.raises(ImageReadError, match=r"big\.png.*exceeds the limit of 50"):
         load_image(path)
+    monkeypatch.setenv("ANOMALENS_MAX_PIXELS", "ten")
+    with pytest.raises(ValueError, match="ANOMALENS_MAX_PIXELS"):
+        load_image(path)
+
+
+def test_small_file_large_decoded_size_refused_from_header(tmp_path: Path) -> None:
+    # issue 14: an ~80 KB PNG of 8000 x 8000 pixels used to be decoded (4.5 GB in predict)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bytes_of_size(8000, 8000))
+    assert path.stat().st_size < 200_000
+    assert aio.max_pixels() < 8000 * 8000
+    with pytest.raises(ImageReadError, match=r"bomb\.png.*8000x8000 = 64000000 decoded pixels"):
+        load_image(path)
+    with pytest.raises(ImageReadError, match="decoded pixels exceeds"):
+        aio.image_size(path)
+    with pytest.raises(ImageReadError, match=r"up\.png.*exceeds the limit of 100"):
+        aio.load_image_bytes(path.read_bytes(), "up.png", limit=100)
+
+
+def test_max_pixels_is_the_one_limit_even_above_pillows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow's own bomb check (an error beyond twice Image.MAX_IMAGE_PIXELS) used to cap it
+    path = _save(np.full((50, 50), 7, np.uint8), tmp_path / "ok.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setenv("ANOMALENS_MAX_PIXELS", "10000")
+    assert load_image(path).shape == (50, 50, 3)
+    assert aio.image_size(path) == (50, 50)
+
+
+def test_working_size_reduces_while_decoding(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    jpg = tmp_path / "big.jpg"
+    jpg.write_bytes(_jpeg_bytes(arr))
+    png = _save(arr, tmp_path / "big.png")
+    pal = tmp_path / "pal.png"
+    Image.fromarray(arr).convert("P").save(pal)
+    assert load_image(jpg).shape == (300, 400, 3)  # default unchanged
+    assert load_image(png).shape == (300, 400, 3)
+    for p in (jpg, png, pal):
+        out = load_image(p, working_size=64)
+        assert 64 <= min(out.shape[:2]) < 128, (p.name, out.shape)
+        assert out.shape[2] == 3 and out.dtype == np.uint8
+    # reduced pixels are averages of the originals: the mean colour stays
+    np.testing.assert_allclose(load_image(png, working_size=64).mean(), arr.mean(), atol=1.0)
+    assert load_image(png, working_size=1000).shape == (300, 400, 3)  # never enlarged
+    with pytest.raises(ValueError, match="working_size"):
+        load_image(png, working_size=0)
+
+
+def test_permission_denied_is_named(tmp_path: Path) -> None:
+    import os
+
+    path = _save(np.zeros((4, 4), np.uint8), tmp_path / "locked.png")
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(ImageReadError, match="permission denied"):
+            load_image(path)
+    finally:
+        path.chmod(0o644)
 
 
 # ---------------------------------------------------------------- modes

@@ -8,6 +8,7 @@ where ``resolve_weights`` finds it (by catalogue name, hf-hub id or URL as laid 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,7 +16,9 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
+from anomalens._fileio import current_umask
 from anomalens.backbones.weights import sha256_file
 
 __all__ = ["BundleError", "pack_weights", "unpack_weights"]
@@ -60,6 +63,7 @@ def pack_weights(folder: str | Path, out: str | Path) -> Path:
                 with open(p, "rb") as f:
                     info = tar.gettarinfo(arcname=p.relative_to(folder).as_posix(), fileobj=f)
                     tar.addfile(info, f)
+        os.chmod(tmp, 0o666 & ~current_umask())  # not mkstemp's 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -72,6 +76,24 @@ def _safe_member(name: str) -> PurePosixPath:
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise BundleError(f"unsafe path in bundle: {name!r}")
     return p
+
+
+def _copy_capped(src: BinaryIO, dest: Path, size: int, name: str) -> str:
+    """Copy at most ``size`` bytes in 1 MiB chunks; returns the sha256 of what was copied."""
+    h = hashlib.sha256()
+    written = 0
+    with open(dest, "wb") as dst:
+        while chunk := src.read(min(1 << 20, size - written + 1)):
+            written += len(chunk)
+            if written > size:
+                raise BundleError(
+                    f"bundle member {name!r} is longer than its declared {size} bytes"
+                )
+            h.update(chunk)
+            dst.write(chunk)
+    if written != size:
+        raise BundleError(f"bundle member {name!r} holds {written} bytes, not {size}")
+    return h.hexdigest()
 
 
 def unpack_weights(bundle: str | Path, dest: str | Path) -> list[Path]:
@@ -102,12 +124,18 @@ def unpack_weights(bundle: str | Path, dest: str | Path) -> list[Path]:
                     raise BundleError(f"bundle member {m.name!r} is not a regular file")
                 if m.name not in entries:
                     raise BundleError(f"bundle member {m.name!r} is not in the manifest")
+                e = entries[m.name]
+                size = e.get("size")
+                if not isinstance(size, int) or size < 0 or m.size != size:
+                    # checked before a byte is written: a member cannot fill the disk
+                    raise BundleError(
+                        f"bundle member {m.name!r} is {m.size} bytes but its manifest says {size!r}"
+                    )
                 tmp = Path(td) / rel
                 tmp.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as src, open(tmp, "wb") as dst:  # type: ignore[union-attr]
-                    shutil.copyfileobj(src, dst)
-                e = entries[m.name]
-                if tmp.stat().st_size != e["size"] or sha256_file(tmp) != e["sha256"]:
+                with tar.extractfile(m) as src:  # type: ignore[union-attr]
+                    digest = _copy_capped(src, tmp, size, m.name)
+                if digest != e.get("sha256"):
                     raise BundleError(
                         f"bundle member {m.name!r} does not match its manifest checksum"
                     )

@@ -96,9 +96,9 @@ def load_state_dict_file(path: str | os.PathLike[str], weights_only: bool = True
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from anomalens.backbones.weights import read_safetensors
 
-        sd: dict = load_file(str(path), device="cpu")
+        sd: dict = read_safetensors(path, "CLIP checkpoint")
     elif is_torchscript_archive(path):
         # OpenAI's releases: weights read without running TorchScript (see torchscript.py)
         sd = read_torchscript_state_dict(path)

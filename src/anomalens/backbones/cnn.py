@@ -128,9 +128,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from anomalens.backbones.weights import read_safetensors
 
-        sd: object = load_file(str(path), device="cpu")
+        sd: object = read_safetensors(path, "checkpoint")
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)

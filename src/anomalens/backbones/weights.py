@@ -15,16 +15,19 @@ the file, the cache folder and the command that fetches it on a connected machin
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import shutil
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from anomalens._fileio import current_umask
 from anomalens.backbones.weight_spec import WeightSpec
 
 __all__ = [
@@ -32,7 +35,9 @@ __all__ = [
     "WeightSpec",
     "cache_dir",
     "is_offline",
+    "names_in_cache_only",
     "read_checkpoint",
+    "read_safetensors",
     "resolve_weights",
     "sha256_file",
 ]
@@ -40,6 +45,39 @@ __all__ = [
 
 class WeightNotAvailableError(FileNotFoundError):
     """A weight file is neither on disk nor in the cache and cannot be fetched."""
+
+
+#: When set (``names_in_cache_only``), a weight source that is not a catalogue name, URL or
+#: hf-hub id must be a bare file name, and it is looked up in the cache folder only.
+_CACHE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "anomalens_weights_cache_only", default=False
+)
+
+
+@contextlib.contextmanager
+def names_in_cache_only() -> Iterator[None]:
+    """Within this block (this thread), weight *names* resolve in the cache folder only: never
+    in the working directory, never a path. The service builds client-configured detectors so.
+    """
+    token = _CACHE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CACHE_ONLY.reset(token)
+
+
+def _cache_only_file(src: str, cache_path: Path) -> Path:
+    if Path(src).name != src or src in ("", ".", ".."):
+        raise WeightNotAvailableError(
+            f"weights {src!r} must be a file name in the weight cache, not a path"
+        )
+    cached = cache_path / src
+    if not cached.is_file():
+        raise WeightNotAvailableError(
+            f"weights file {src!r} is not in the weight cache (ANOMALENS_CACHE); put it there "
+            "with `anomalens weights unpack`, or use a name from `anomalens weights list`"
+        )
+    return cached
 
 
 def is_offline() -> bool:
@@ -86,6 +124,7 @@ def _copy_atomic(src: BinaryIO, dest: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             shutil.copyfileobj(src, f)
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # not mkstemp's 0600
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -148,6 +187,8 @@ def resolve_weights(
     elif src.startswith(("http://", "https://", "file://")):
         fname = Path(urllib.parse.urlparse(src).path).name or "weights.bin"
         cached = cache_path / "url" / hashlib.sha1(src.encode()).hexdigest()[:12] / fname
+    elif _CACHE_ONLY.get():
+        return _cache_only_file(src, cache_path)
     else:
         path = Path(src).expanduser()
         if path.is_file():
@@ -188,6 +229,31 @@ def resolve_weights(
     return cached
 
 
+def read_safetensors(
+    path: str | os.PathLike[str], what: str = "checkpoint", *, with_metadata: bool = False
+) -> Any:
+    """Read a ``.safetensors`` file on the CPU; a corrupt one raises an error naming it.
+
+    Returns:
+        ``{name: tensor}``, or ``(tensors, metadata)`` with ``with_metadata``.
+
+    Raises:
+        ValueError: the file is truncated, not safetensors, or unreadable (names the file).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"cannot read {what} {path}: not a valid safetensors file ({exc}); "
+            "download or copy it again"
+        ) from exc
+    return (tensors, meta) if with_metadata else tensors
+
+
 def read_checkpoint(path: str | os.PathLike[str], what: str) -> tuple[dict, dict[str, str]]:
     """Read a checkpoint file safely: ``.safetensors``, or a torch pickle with
     ``torch.load(weights_only=True)`` (tensors and plain containers only, no code).
@@ -205,14 +271,13 @@ def read_checkpoint(path: str | os.PathLike[str], what: str) -> tuple[dict, dict
     """
     import torch
 
+    if _CACHE_ONLY.get():
+        path = _cache_only_file(os.fspath(path), cache_dir())
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        return read_safetensors(path, what, with_metadata=True)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -1,32 +1,43 @@
 """Robust image and mask reading.
 
-Handles greyscale, RGBA, palette, 16-bit and EXIF-rotated files; limits decompression bombs;
-every failure is an ``ImageReadError`` that names the file and the reason.
+Handles greyscale, RGBA, palette, 16-bit and EXIF-rotated files; refuses images whose decoded
+size exceeds a pixel budget *before* decoding them (the header is read first); can reduce large
+images while decoding when the caller only needs a working size; every failure is an
+``ImageReadError`` that names the file and the reason.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageLike",
     "ImageReadError",
     "as_rgb_array",
+    "image_size",
     "list_images",
     "load_image",
+    "load_image_bytes",
     "load_mask",
+    "max_pixels",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-#: Largest accepted image, in pixels (default 100 MP; override with ANOMALENS_MAX_PIXELS).
-MAX_PIXELS = int(os.environ.get("ANOMALENS_MAX_PIXELS", 100_000_000))
+#: Largest decoded image accepted by default, in pixels (width x height); the environment
+#: variable ANOMALENS_MAX_PIXELS replaces it (higher or lower, also above Pillow's own limit).
+DEFAULT_MAX_PIXELS = 50_000_000
+#: Modes ``Image.reduce`` works on directly; others are reduced after conversion to RGB.
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr")
 
 ImageLike = np.ndarray | Image.Image | str | Path
 
@@ -40,35 +51,130 @@ class ImageReadError(ValueError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
-def _open(path: str | Path) -> Image.Image:
-    path = Path(path)
+def max_pixels() -> int:
+    """The decoded-size budget of one image: ``$ANOMALENS_MAX_PIXELS`` or ``DEFAULT_MAX_PIXELS``.
+
+    Raises:
+        ValueError: the variable is set but not a positive integer.
+    """
+    raw = os.environ.get("ANOMALENS_MAX_PIXELS", "").strip().replace("_", "")
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(
+            f"environment variable ANOMALENS_MAX_PIXELS={raw!r} must be a positive integer "
+            "(pixels, width x height)"
+        )
+    return value
+
+
+def _let_pillow_allow(limit: int) -> None:
+    # Our header check enforces ``limit``; Pillow's own bomb check (89 MP, an error at twice
+    # that) must not silently cap it lower, so raise Pillow's only when ours is higher.
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _check_path(path: Path) -> None:
     if not path.exists():
+        if path.is_symlink():
+            raise ImageReadError(path, "symbolic link to nothing (dangling, or a loop)")
         raise ImageReadError(path, "file does not exist")
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not an image file")
+    if not path.is_file():  # opening a FIFO would wait forever
+        raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty")
+
+
+def _open_header(src: Path | BinaryIO, shown: str | Path, limit: int) -> Image.Image:
+    """Open (header only) and check the decoded size against ``limit``."""
+    _let_pillow_allow(limit)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageReadError(
-                    path,
-                    f"{w}x{h} = {w * h} pixels exceeds the limit of {MAX_PIXELS} "
-                    "(set ANOMALENS_MAX_PIXELS to raise it)",
-                )
-            img.load()  # force decoding now: truncated files fail here
-    except ImageReadError:
-        raise
+            img = Image.open(src)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(path, f"decompression bomb refused ({exc})") from exc
+        raise ImageReadError(shown, f"decompression bomb refused ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageReadError(path, "not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from exc
+        raise ImageReadError(shown, "not a recognised image format") from exc
+    except PermissionError as exc:
+        raise ImageReadError(shown, "permission denied") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(shown, f"corrupt or truncated image ({exc})") from exc
+    w, h = img.size
+    if w < 1 or h < 1:
+        img.close()
+        raise ImageReadError(shown, f"the image has no pixels ({w}x{h})")
+    if w * h > limit:
+        img.close()
+        raise ImageReadError(
+            shown,
+            f"{w}x{h} = {w * h} decoded pixels exceeds the limit of {limit} "
+            "(set ANOMALENS_MAX_PIXELS to change it)",
+        )
     return img
+
+
+def _decode(img: Image.Image, shown: str | Path, working_size: int | None) -> Image.Image:
+    """Decode the pixels, reduced while decoding when both sides stay >= ``working_size``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if working_size is not None and img.format == "JPEG":
+                img.draft(None, (working_size, working_size))  # DCT scaling: 1/2, 1/4, 1/8
+            img.load()  # force decoding now: truncated files fail here
+            factor = _reduce_factor(img.size, working_size)
+            if factor > 1 and img.mode in _REDUCIBLE:
+                img = img.reduce(factor)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(shown, f"decompression bomb refused ({exc})") from exc
+    except PermissionError as exc:
+        raise ImageReadError(shown, "permission denied") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(shown, f"corrupt or truncated image ({exc})") from exc
+    return img
+
+
+def _reduce_factor(size: tuple[int, int], working_size: int | None) -> int:
+    if working_size is None:
+        return 1
+    if working_size < 1:
+        raise ValueError(f"working_size must be >= 1, got {working_size}")
+    return max(1, min(size) // working_size)
+
+
+def _open(path: str | Path, working_size: int | None = None) -> Image.Image:
+    path = Path(path)
+    _check_path(path)
+    return _decode(_open_header(path, path, max_pixels()), path, working_size)
+
+
+def image_size(source: str | Path | bytes, *, name: str | None = None) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels.
+
+    Args:
+        source: a file, or the bytes of one.
+        name: the name errors show for ``bytes`` (default ``<bytes>``).
+
+    Raises:
+        ImageReadError: missing, empty, not an image, or over the pixel budget.
+    """
+    if isinstance(source, bytes):
+        shown: str | Path = name or "<bytes>"
+        if not source:
+            raise ImageReadError(shown, "file is empty")
+        src: Path | BinaryIO = io.BytesIO(source)
+    else:
+        src = shown = Path(source)
+        _check_path(src)
+    with _open_header(src, shown, max_pixels()) as img:
+        return img.size
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -107,17 +213,57 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def _finish(img: Image.Image, shown: str | Path, working_size: int | None) -> np.ndarray:
+    try:
+        arr = _pil_to_rgb(img)
+        factor = _reduce_factor(arr.shape[1::-1], working_size)
+        if factor > 1:  # modes Image.reduce cannot take directly (palette, 1-bit, 16-bit)
+            arr = np.asarray(Image.fromarray(arr).reduce(factor))
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(shown, f"cannot convert to RGB ({exc})") from exc
+    return np.ascontiguousarray(arr)
+
+
+def load_image(path: str | Path, *, working_size: int | None = None) -> np.ndarray:
     """Read an image file as an (H, W, 3) uint8 RGB array.
+
+    The decoded size (width x height from the header) is checked against ``max_pixels()``
+    before any pixel is decoded.
+
+    Args:
+        path: the image file.
+        working_size: the side the caller will resize to; when given, a large image is reduced
+            while decoding by an integer factor that keeps both sides >= ``working_size``
+            (JPEG: DCT scaling, nothing larger is ever decoded; others: ``Image.reduce``).
 
     Raises:
         ImageReadError: missing, empty, corrupt, truncated, unsupported or too large file.
     """
-    img = _open(path)
-    try:
-        return np.ascontiguousarray(_pil_to_rgb(img))
-    except (OSError, ValueError) as exc:
-        raise ImageReadError(path, f"cannot convert to RGB ({exc})") from exc
+    return _finish(_open(path, working_size), path, working_size)
+
+
+def load_image_bytes(
+    data: bytes,
+    name: str,
+    *,
+    working_size: int | None = None,
+    limit: int | None = None,
+) -> np.ndarray:
+    """Decode an image held in memory (an upload) as an (H, W, 3) uint8 RGB array.
+
+    Args:
+        data: the file's bytes (format found from the content).
+        name: the file name errors show.
+        working_size: as in ``load_image``.
+        limit: decoded-pixel budget (default ``max_pixels()``).
+
+    Raises:
+        ImageReadError: empty, corrupt, truncated, unsupported or too large.
+    """
+    if not data:
+        raise ImageReadError(name, "file is empty")
+    img = _open_header(io.BytesIO(data), name, max_pixels() if limit is None else limit)
+    return _finish(_decode(img, name, working_size), name, working_size)
 
 
 def load_mask(path: str | Path | None, shape: tuple[int, int] | None = None) -> np.ndarray:

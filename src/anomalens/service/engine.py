@@ -136,18 +136,24 @@ class InspectionEngine:
         job_id: str | None = None,
         progress: ProgressFn | None = None,
         batch_size: int = 8,
+        queued_at: float | None = None,
     ) -> list[dict[str, Any]]:
         """Score ``images``, write their files, record them; returns the stored records.
 
-        Batch methods (MuSc) score all images of the call together.
+        Batch methods (MuSc) score all images of the call together. Each record's ``seconds``
+        is its own compute time (its share of the batch's scoring plus writing its files);
+        ``queue_seconds`` the wait from ``queued_at`` (``time.time()`` of the request or job
+        submission; default now) until its batch's scoring began.
         """
+        arrived = time.time() if queued_at is None else queued_at
         entry = self.cache.get(profile, lambda: self._refit(profile))
         thr = profile.threshold_obj()
         out: list[dict[str, Any]] = []
         for sl in entry.detector.batch_slices(len(images), batch_size):
             chunk = list(images[sl])
-            t0 = time.perf_counter()
             with entry.lock:
+                t0 = time.perf_counter()
+                queue_seconds = max(0.0, time.time() - arrived)
                 try:
                     scores, maps = entry.detector.predict([im.array for im in chunk]).to_numpy()
                 except ValueError as exc:
@@ -167,6 +173,7 @@ class InspectionEngine:
                         "verdict": thr.decide(float(score)),
                         "threshold": float(thr.value),
                         "seconds": per_image + time.perf_counter() - t1,
+                        "queue_seconds": queue_seconds,
                         "job_id": job_id,
                         **paths,
                     }

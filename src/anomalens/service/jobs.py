@@ -1,137 +1,88 @@
-"""Background inspection jobs: a thread pool, progress counters, a bounded job table."""
+"""Background inspection jobs, durable: a thread pool that works on jobs stored in the results
+store.
+
+A job's images are written to the data folder and its rows (the job, one item per image) to the
+store *before* the submission is acknowledged. The worker inspects the pending items batch by
+batch; every result row names its job, so after a crash (``kill -9``) the next start-up matches
+results already stored to their items and inspects only what is left. A job that cannot go on
+(profile deleted or re-created, image file gone) is marked ``failed`` with the reason.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
 
 from anomalens.service.errors import ServiceError
+from anomalens.service.store import JobRow, ResultStore
 
-__all__ = ["Job", "JobManager"]
+__all__ = ["JobManager"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Job:
-    """A batch inspection running in the background.
-
-    Attributes:
-        id: random hex id.
-        profile: profile name.
-        total: images to inspect.
-        done: images inspected so far.
-        status: ``queued``, ``running``, ``done`` or ``failed``.
-        results: records of the inspected images (grows as the job runs).
-        errors: uploads rejected before the job started (file_name, message).
-        message: the failure reason of a ``failed`` job.
-    """
-
-    id: str
-    profile: str
-    total: int
-    errors: list[dict[str, str]] = field(default_factory=list)
-    done: int = 0
-    status: str = "queued"
-    results: list[dict[str, Any]] = field(default_factory=list)
-    message: str | None = None
-    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    finished_at: datetime | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add_results(self, records: list[dict[str, Any]]) -> None:
-        with self._lock:
-            self.results.extend(records)
-            self.done += len(records)
-
-    def snapshot(self) -> dict[str, Any]:
-        """A consistent copy for a status response."""
-        with self._lock:
-            return {
-                "id": self.id,
-                "profile": self.profile,
-                "total": self.total,
-                "done": self.done,
-                "status": self.status,
-                "results": list(self.results),
-                "errors": list(self.errors),
-                "message": self.message,
-                "created_at": self.created_at,
-                "finished_at": self.finished_at,
-            }
-
-    def _set(self, status: str, message: str | None = None) -> None:
-        with self._lock:
-            self.status = status
-            if message is not None:
-                self.message = message
-            if status in ("done", "failed"):
-                self.finished_at = datetime.now(timezone.utc)
+#: ``work(job_id)`` inspects the job's pending items; raising marks the job failed.
+JobWork = Callable[[str], None]
 
 
 class JobManager:
-    """Runs jobs on ``workers`` threads; keeps the last ``keep`` jobs for status queries."""
+    """Runs stored jobs on ``workers`` threads; state lives in ``store``.
 
-    def __init__(self, workers: int = 2, keep: int = 500) -> None:
+    Args:
+        store: the results store (jobs, items, results).
+        work: what running a job means (the app's inspection of its pending items).
+        workers: threads.
+    """
+
+    def __init__(self, store: ResultStore, work: JobWork, workers: int = 2) -> None:
+        self.store = store
+        self._work = work
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anomalens-job")
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._active: set[str] = set()
         self._lock = threading.Lock()
-        self.keep = keep
 
-    def submit(
-        self,
-        profile: str,
-        total: int,
-        work: Callable[[Job], None],
-        errors: list[dict[str, str]] | None = None,
-    ) -> Job:
-        """Queue ``work(job)``; it reports progress with ``job.add_results``."""
-        job = Job(id=uuid.uuid4().hex, profile=profile, total=total, errors=list(errors or []))
+    def start(self, job_id: str) -> None:
+        """Queue a stored job (no-op when it is already queued or running here)."""
         with self._lock:
-            self._jobs[job.id] = job
-            while len(self._jobs) > self.keep:
-                oldest = next(iter(self._jobs.values()))
-                if oldest.status in ("queued", "running"):
-                    break
-                self._jobs.popitem(last=False)
+            if job_id in self._active:
+                return
+            self._active.add(job_id)
+        self._pool.submit(self._run, job_id)
 
-        def run() -> None:
-            job._set("running")
-            try:
-                work(job)
-            except ServiceError as exc:
-                job._set("failed", exc.message)
-            except Exception as exc:
-                log.exception("job %s failed", job.id)
-                job._set("failed", f"internal error: {type(exc).__name__}: {exc}")
-            else:
-                job._set("done")
+    def resume_all(self) -> list[str]:
+        """Queue every job left ``queued`` or ``running`` by a previous server process."""
+        ids = [j.id for j in self.store.unfinished_jobs()]
+        for job_id in ids:
+            self.store.set_job_status(job_id, "queued")
+            self.start(job_id)
+        if ids:
+            log.info("resuming %d unfinished job(s)", len(ids))
+        return ids
 
-        self._pool.submit(run)
-        return job
+    def _run(self, job_id: str) -> None:
+        try:
+            self.store.set_job_status(job_id, "running")
+            self._work(job_id)
+        except ServiceError as exc:
+            self.store.set_job_status(job_id, "failed", exc.message)
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            self.store.set_job_status(job_id, "failed", f"internal error: {type(exc).__name__}")
+        else:
+            self.store.set_job_status(job_id, "done")
+        finally:
+            with self._lock:
+                self._active.discard(job_id)
 
-    def get(self, job_id: str) -> Job:
-        with self._lock:
-            job = self._jobs.get(job_id)
+    def get(self, job_id: str) -> JobRow:
+        job = self.store.get_job(job_id) if len(job_id) <= 64 else None
         if job is None:
-            raise ServiceError(
-                404,
-                "not_found",
-                f"no job with id {job_id!r} (finished jobs are kept "
-                f"for the last {self.keep} jobs and not across restarts)",
-            )
+            raise ServiceError(404, "not_found", f"no job with id {job_id[:64]!r}")
         return job
 
-    def list(self) -> list[Job]:
-        with self._lock:
-            return list(reversed(self._jobs.values()))
+    def list(self, limit: int = 100) -> list[JobRow]:
+        return self.store.list_jobs(limit)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

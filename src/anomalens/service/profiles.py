@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -69,6 +70,13 @@ class ThresholdPolicy:
             raise ServiceError(
                 422, "bad_threshold", "a fixed threshold needs a value ('threshold')"
             )
+        for name, v in (("threshold", self.value), ("percentile", self.percentile)):
+            if v is not None and not math.isfinite(v):
+                raise ServiceError(422, "bad_threshold", f"{name} must be a finite number, got {v}")
+        if not math.isfinite(self.margin):
+            raise ServiceError(
+                422, "bad_threshold", f"margin must be a finite number, got {self.margin}"
+            )
         if not 0.0 <= self.percentile <= 100.0:
             raise ServiceError(
                 422, "bad_threshold", f"percentile must be in [0, 100], got {self.percentile}"
@@ -110,10 +118,28 @@ class Profile:
     category: str | None = None
 
     def make_detector(self) -> Detector:
-        return create_detector(self.method, **self.options)
+        """A new detector with the profile's options; weight names resolve in the cache only."""
+        from anomalens.backbones.weights import names_in_cache_only
+
+        with names_in_cache_only():
+            return create_detector(self.method, **self.options)
 
     def threshold_obj(self) -> Threshold:
+        """The stored threshold; a non-finite value (a hand-edited file) is refused.
+
+        Raises:
+            ServiceError: 409 ``bad_profile`` naming the profile and the value.
+        """
         d = dict(self.threshold)
+        for key in ("value", "pixel_value"):
+            v = d.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ServiceError(
+                    409,
+                    "bad_profile",
+                    f"profile {self.name!r} has a non-finite threshold {key}={v!r} in its "
+                    "profile.json; delete and re-create the profile",
+                )
         vr = d.get("vis_range")
         d["vis_range"] = tuple(vr) if vr is not None else None
         return Threshold(**d)
@@ -130,8 +156,6 @@ _WEIGHT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 
 
 def _check_weight_names(options: dict[str, Any]) -> None:
-    from anomalens.backbones.weights import cache_dir
-
     for key in WEIGHT_OPTIONS:
         value = options.get(key)
         if value is None:
@@ -141,7 +165,7 @@ def _check_weight_names(options: dict[str, Any]) -> None:
                 422,
                 "bad_option",
                 f"option {key!r} must be a weight name (catalogue name, open_clip tag, 'random', "
-                f"or a file name in the server's weight cache {cache_dir()}), not a path or URL; "
+                "or a file name in the server's weight cache), not a path or URL; "
                 f"got {value!r}",
             )
 
@@ -264,8 +288,11 @@ class ProfileStore:
                 raise ServiceError(409, "exists", f"a profile named {name!r} already exists")
 
         def make() -> Detector:
+            from anomalens.backbones.weights import names_in_cache_only
+
             try:
-                return create_detector(method, **options)
+                with names_in_cache_only():
+                    return create_detector(method, **options)
             except Exception as exc:  # any constructor failure is the user's settings
                 raise ServiceError(422, "bad_detector", f"cannot build {method}: {exc}") from exc
 
@@ -288,6 +315,13 @@ class ProfileStore:
             raise
         except (ValueError, RuntimeError) as exc:
             raise ServiceError(422, "fit_failed", f"cannot fit {method}: {exc}") from exc
+        if not all(math.isfinite(v) for v in (thr.value, thr.pixel_value) if v is not None):
+            raise ServiceError(
+                422,
+                "bad_threshold",
+                f"the calibrated threshold of {method} is not finite ({thr.value}); check the "
+                "normal images and the method's options",
+            )
 
         profile = Profile(
             name=name,

@@ -83,7 +83,14 @@ class InspectionOut(_Model):
     score: float
     verdict: str = Field(description="normal or anomalous")
     threshold: float
-    seconds: float = Field(description="processing time of this image")
+    seconds: float = Field(
+        description="compute time of this image: its share of the scoring plus writing its files"
+    )
+    queue_seconds: float | None = Field(
+        None,
+        description="wait from the request's arrival (or the job's submission) until scoring "
+        "began: job queue, a busy detector, decoding",
+    )
     created_at: datetime
     job_id: str | None = None
     links: Links
@@ -134,6 +141,7 @@ def record_to_out(rec: dict[str, Any]) -> InspectionOut:
         verdict=rec["verdict"],
         threshold=rec["threshold"],
         seconds=rec["seconds"],
+        queue_seconds=rec.get("queue_seconds"),
         created_at=rec["created_at"],
         job_id=rec.get("job_id"),
         links=Links(

@@ -9,9 +9,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOOPBACK_HOSTS", "ServiceSettings", "UnsafeBindError", "is_loopback"]
+__all__ = [
+    "LOOPBACK_HOSTS",
+    "MIN_TOKEN_LENGTH",
+    "ServiceSettings",
+    "UnsafeBindError",
+    "check_token_strength",
+    "is_loopback",
+]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+#: Shortest accepted access token (``openssl rand -hex 24`` gives 48 characters).
+MIN_TOKEN_LENGTH = 16
+_MIN_DISTINCT = 8
 
 
 class UnsafeBindError(ValueError):
@@ -26,6 +36,31 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name other than localhost may resolve to anything
+
+
+def check_token_strength(token: str) -> None:
+    """Refuse a guessable token: too short, containing white space, or too few distinct
+    characters ("aaaaaaaaaaaaaaaa").
+
+    Raises:
+        ValueError: what is wrong (never the token itself) and how to make a good one.
+    """
+    how = "make one with `openssl rand -hex 24`"
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"the access token must be at least {MIN_TOKEN_LENGTH} characters long; {how}"
+        )
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ValueError(f"the access token must not contain spaces or control characters; {how}")
+    if len(set(token)) < _MIN_DISTINCT:
+        raise ValueError(
+            f"the access token must contain at least {_MIN_DISTINCT} different characters; {how}"
+        )
+
+
+def _env_hosts(env: Mapping[str, str], key: str) -> tuple[str, ...]:
+    raw = env.get(key) or ""
+    return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
 
 
 def _env_int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -66,6 +101,13 @@ class ServiceSettings:
         workers: background job threads.
         cache_size: fitted detectors kept in memory (least recently used are dropped).
         torch_threads: intra-op threads of torch in the server (0 = torch default).
+        allowed_hosts: extra names the ``Host`` header may carry (the bound address,
+            ``localhost`` and loopback addresses are always allowed); ``*`` allows any (only
+            behind a proxy that checks it).
+        working_size: uploads are reduced while decoding so that both sides stay >= this
+            many pixels (the stored image and its overlays are at that size).
+        max_request_pixels: decoded pixels (after reduction) one request may bring in total.
+        decode_pixels: pixels decoded at the same time over all requests.
     """
 
     host: str = "127.0.0.1"
@@ -79,6 +121,10 @@ class ServiceSettings:
     workers: int = 2
     cache_size: int = 4
     torch_threads: int = 0
+    allowed_hosts: tuple[str, ...] = ()
+    working_size: int = 2048
+    max_request_pixels: int = 250_000_000
+    decode_pixels: int = 50_000_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServiceSettings:
@@ -96,6 +142,12 @@ class ServiceSettings:
             workers=_env_int(env, "ANOMALENS_WORKERS", cls.workers),
             cache_size=_env_int(env, "ANOMALENS_CACHE_SIZE", cls.cache_size),
             torch_threads=_env_int(env, "ANOMALENS_TORCH_THREADS", cls.torch_threads),
+            allowed_hosts=_env_hosts(env, "ANOMALENS_ALLOWED_HOSTS"),
+            working_size=_env_int(env, "ANOMALENS_WORKING_SIZE", cls.working_size),
+            max_request_pixels=_env_int(
+                env, "ANOMALENS_MAX_REQUEST_PIXELS", cls.max_request_pixels
+            ),
+            decode_pixels=_env_int(env, "ANOMALENS_DECODE_PIXELS", cls.decode_pixels),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "data_dir" in given:
@@ -108,12 +160,44 @@ class ServiceSettings:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_upload_mb <= 0:
             raise ValueError(f"max upload size must be > 0 MiB, got {self.max_upload_mb}")
-        for name in ("max_files", "sync_batch_limit", "workers", "cache_size"):
+        for name in (
+            "max_files",
+            "sync_batch_limit",
+            "workers",
+            "cache_size",
+            "max_request_pixels",
+            "decode_pixels",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.token is not None and len(self.token) < 8:
-            raise ValueError("the access token must be at least 8 characters long")
+        if self.working_size < 32:
+            raise ValueError(f"working_size must be >= 32 pixels, got {self.working_size}")
+        if self.token is not None:
+            check_token_strength(self.token)
         return self
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Whether a request's ``Host`` header names this server (DNS-rebinding defence).
+
+        Allowed: IP addresses (a rebinding attack needs a host *name*), ``localhost``, the bound
+        host name and ``allowed_hosts``; the port is ignored.
+        """
+        if "*" in self.allowed_hosts:
+            return True
+        name = host_header.strip().lower()
+        if name.startswith("["):
+            name = name[1:].split("]", 1)[0]
+        elif name.count(":") == 1:
+            name = name.split(":", 1)[0]
+        name = name.rstrip(".")
+        if not name:
+            return False
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            pass
+        return name in ("localhost", self.host.strip("[]").lower(), *self.allowed_hosts)
 
     @property
     def max_upload_bytes(self) -> int:

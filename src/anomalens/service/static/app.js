@@ -11,7 +11,10 @@ function setStatus(text, isError = false) {
 }
 
 function authHeaders() {
-  return state.token ? { Authorization: "Bearer " + state.token } : {};
+  // the client header marks a same-origin call (a foreign page cannot send it without CORS)
+  const headers = { "X-Anomalens-Client": "1" };
+  if (state.token) headers.Authorization = "Bearer " + state.token;
+  return headers;
 }
 
 // fetch a JSON API; errors become exceptions carrying the server's message
