@@ -112,7 +112,8 @@ class SavedModel:
 def _is_anomalens_model(path: Path) -> bool:
     if path.is_dir():
         return (path / MODEL_JSON).is_file()
-    return path.is_file() and zipfile.is_zipfile(path)
+    # a damaged .anomalens file is still one: loading it then says what is wrong with it
+    return path.is_file() and (path.suffix == ZIP_SUFFIX or zipfile.is_zipfile(path))
 
 
 def _is_export(path: Path) -> bool:
