@@ -53,6 +53,7 @@ __all__ = [
     "load_detector",
     "load_model",
     "model_kind",
+    "read_model_info",
     "save_detector",
 ]
 
@@ -589,6 +590,17 @@ def _parse_info(path: Path, raw: bytes) -> dict[str, Any]:
             f"{', '.join(sorted(_BACKBONE_KEYS))}; save the model again"
         )
     return info
+
+
+def read_model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked ``model.json`` of a model folder or file, without building the detector.
+
+    Raises:
+        ModelFileError: as :func:`load_model` for the file and its ``model.json``.
+    """
+    p = Path(path)
+    raw_info, _ = _read_files(p)
+    return _parse_info(p, raw_info)
 
 
 def _read_tensors(path: Path, info: dict[str, Any], payload: bytes) -> dict[str, torch.Tensor]:
