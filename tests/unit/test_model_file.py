@@ -244,3 +244,57 @@ def test_loading_overrides_the_device_and_keeps_options(saved: Path) -> None:
     again = create_detector("patchcore", **det.init_options)
     assert again.config()["backbone"] == det.config()["backbone"]
     assert np.isfinite(det.predict(_images(1)).image_score.numpy()).all()
+
+
+def test_referenced_clip_weights_round_trip_from_options(tmp_path: Path) -> None:
+    # built from settings only (seeded random tiny CLIP): nothing embedded, rebuilt on load
+    det = create_detector(
+        "winclip", model_name="anomalens-tiny-clip", pretrained=None, image_size=64, scales=(2,)
+    )
+    det.fit(_images(2, seed=1), category="screw")
+    info = load_model(det.save(tmp_path / "m")).info
+    assert info["backbone"]["embedded"] is False and info["config"]["class_name"] == "screw"
+    _same(det, load_detector(tmp_path / "m"))
+
+
+def test_a_backbone_that_cannot_be_rebuilt_is_named(tmp_path: Path) -> None:
+    det = _fitted("winclip", False)
+    det.backbone.model_name = "hand-made-clip"
+    with pytest.raises(ModelFileError, match="cannot be rebuilt"):
+        det.save(tmp_path / "m", embed_weights=True)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.shared
+def test_shared_mobilenet_round_trip_and_a_real_checksum_mismatch(tmp_path: Path) -> None:
+    import shutil
+
+    from _fewshot_helpers import MAGNETIC_TILE, MOBILENET_TF, require_shared
+
+    require_shared(MOBILENET_TF, MAGNETIC_TILE)
+    good = sorted((MAGNETIC_TILE / "train" / "good").iterdir())[:2]
+    test = sorted((MAGNETIC_TILE / "test" / "crack").glob("*.*"))[:2]
+    det = create_detector("patchcore", backbone="mobilenet_v2_tf", weights=str(MOBILENET_TF))
+    det.fit(good)
+    out = det.save(tmp_path / "model")
+    loaded = load_detector(out)
+    pa, pb = det.predict(test), loaded.predict(test)
+    assert torch.equal(pa.image_score, pb.image_score)
+    assert torch.equal(pa.anomaly_map, pb.anomaly_map)
+    # the same file name with other contents: the model refuses it
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "w" / MOBILENET_TF.name
+    other.parent.mkdir()
+    state = load_file(MOBILENET_TF)
+    # a weight the features use (the classifier is not part of the extractor, nor its hash)
+    key = sorted(k for k, v in state.items() if k.startswith("features.0") and v.ndim == 4)[0]
+    state[key] = state[key] + 1e-3
+    save_file(state, other)
+    info = json.loads((out / MODEL_JSON).read_text())
+    info["init_options"]["weights"] = str(other)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    (moved / MODEL_JSON).write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="other weights"):
+        load_detector(moved)
