@@ -84,6 +84,8 @@ _REQUIRED_KEYS = (
 _OPTIONAL_KEYS = ("created", "note")
 _BACKBONE_KEYS = {"kind", "name", "weights", "sha256", "embedded", "option", "architecture"}
 _UPGRADE = "pip install -U anomalens"
+#: largest expansion accepted for a deflated member of a .anomalens zip
+_MAX_RATIO = 100
 
 
 class ModelFileError(ValueError):
@@ -534,6 +536,15 @@ def _read_files(path: Path) -> tuple[bytes, bytes]:
                     f"model file {path} lacks {', '.join(missing)}: not an anomalens model "
                     "or an incomplete one; save it again"
                 )
+            for name in (MODEL_JSON, MODEL_TENSORS):
+                zi = z.getinfo(name)
+                # a model is stored uncompressed; a re-zipped one may be deflated, but a
+                # tiny member that claims to expand enormously is refused (zip bomb)
+                if zi.file_size > _MAX_RATIO * zi.compress_size + (1 << 20):
+                    raise ModelFileError(
+                        f"model file {path}: {name} claims {zi.file_size} bytes from "
+                        f"{zi.compress_size} compressed; not an anomalens model file"
+                    )
             return z.read(MODEL_JSON), z.read(MODEL_TENSORS)
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
         raise ModelFileError(

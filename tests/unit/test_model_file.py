@@ -298,3 +298,21 @@ def test_shared_mobilenet_round_trip_and_a_real_checksum_mismatch(tmp_path: Path
     (moved / MODEL_JSON).write_text(json.dumps(info))
     with pytest.raises(ModelFileError, match="other weights"):
         load_detector(moved)
+
+
+def test_musc_on_a_ready_clip_round_trips_embedded(tmp_path: Path) -> None:
+    from test_detector_contract import _tiny_clip
+
+    det = create_detector("musc", backbone=_tiny_clip(), image_size=64, layers=(2, 4))
+    det.fit(None)
+    loaded = load_detector(det.save(tmp_path / "m.anomalens", embed_weights=True))
+    _same(det, loaded, n=4)
+
+
+def test_a_zip_bomb_is_refused(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.anomalens"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr(MODEL_JSON, "{}")
+        z.writestr(MODEL_TENSORS, b"\0" * (8 << 20))
+    with pytest.raises(ModelFileError, match="claims"):
+        load_detector(bomb)
