@@ -77,6 +77,9 @@ def test_predict_with_a_model_refuses_fit_flags(folders, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--normal cannot be used with --model"):
         argv = ["predict", "--model", str(model), "--normal", str(good)]
         main([*argv, "--images", str(incoming), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="single model: drop --groups"):
+        argv = ["predict", "--model", str(model), "--groups", "--images", str(incoming)]
+        main([*argv, "--out", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="give --method"):
         main(["predict", "--images", str(incoming), "--out", str(tmp_path / "r")])
     broken = tmp_path / "broken.anomalens"

@@ -278,9 +278,10 @@ def _predict_with_model(args: argparse.Namespace) -> int:
     }
     model = Path(args.model)
     if args.groups:  # one model per sub-folder of --model, as `anomalens fit --groups` writes
-        if not model.is_dir():
+        if not model.is_dir() or (model / "model.json").is_file():
             raise SystemExit(
-                f"error: --groups needs --model to be a folder of group models: {model}"
+                f"error: --groups needs --model to be a folder of group models (`anomalens fit "
+                f"--groups --out DIR`); {model} is a single model: drop --groups"
             )
         models = {p.name: p for p in sorted(model.iterdir()) if not p.name.startswith(".")}
         models = {k.removesuffix(".anomalens"): v for k, v in models.items()}
