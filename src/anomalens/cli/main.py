@@ -264,6 +264,8 @@ def _predict_with_model(args: argparse.Namespace) -> int:
             "method, its settings, its normal images and its object name (fit a new model with "
             "`anomalens fit` to change them)"
         )
+    if not getattr(args, "images", None):
+        raise SystemExit("error: --model needs --images DIR (the images to inspect)")
     recursive = args.recursive or args.groups
     images = _images_of(args.images, recursive)
     calibration = _images_of(args.calibration, recursive) if args.calibration else None
