@@ -1,5 +1,6 @@
 """anomalens: universal visual anomaly detection from zero or a few normal images."""
 
+from anomalens.model_file import load_detector, load_model
 from anomalens.registry import (
     create_detector,
     get_detector_class,
@@ -18,5 +19,7 @@ __all__ = [
     "create_detector",
     "get_detector_class",
     "list_detectors",
+    "load_detector",
+    "load_model",
     "register_detector",
 ]

@@ -43,14 +43,19 @@ from anomalens.thresholds import (
 from anomalens.viz.report_html import render_report
 
 __all__ = [
+    "FitSummary",
     "PredictSummary",
     "ThresholdSpec",
     "display_path",
     "file_problem",
+    "fit_model",
+    "fit_model_groups",
     "load_images_reporting",
+    "load_model_for_predict",
     "run_predict",
     "run_predict_groups",
     "split_by_group",
+    "threshold_from_dict",
 ]
 
 log = logging.getLogger(__name__)
@@ -377,10 +382,12 @@ def _score_and_write(
 
 
 def run_predict(
-    make_detector: Callable[[], Detector],
+    make_detector: Callable[[], Detector] | None,
     image_paths: Sequence[Path],
     out_dir: str | Path,
     *,
+    detector: Detector | None = None,
+    model_threshold: Threshold | None = None,
     normal_paths: Sequence[Path] = (),
     threshold: ThresholdSpec | None = None,
     category: str | None = None,
@@ -398,8 +405,12 @@ def run_predict(
 
     Args:
         make_detector: builds a fresh detector with the run's settings (also used for
-            leave-one-out threshold calibration).
+            leave-one-out threshold calibration); None when ``detector`` is given.
         image_paths: images to inspect.
+        detector: an already fitted detector (e.g. from a model file): used as it is, no
+            refit (``normal_paths`` must then be empty).
+        model_threshold: the threshold saved with ``detector``; used unless ``threshold``
+            gives a fixed value or a calibration folder.
         normal_paths: the k normal images (a user's own k-shot folder); may be empty for
             zero-shot methods.
         threshold: threshold policy (default: leave-one-out on the shots).
@@ -410,10 +421,18 @@ def run_predict(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     errors: list[dict[str, str]] = []
-    detector, shots = _fit(make_detector, normal_paths, category, errors)
-    thr = _set_threshold(
-        threshold or ThresholdSpec(), make_detector, detector, shots, errors, category
-    )
+    spec = threshold or ThresholdSpec()
+    if detector is not None:
+        if normal_paths:
+            raise ValueError("the detector is already fitted: give no normal images with it")
+        thr = model_threshold
+        if thr is None or spec.fixed is not None or spec.calibration:
+            thr = _set_threshold(spec, lambda: detector, detector, [], errors, category)
+    elif make_detector is None:
+        raise ValueError("run_predict needs make_detector or a fitted detector")
+    else:
+        detector, shots = _fit(make_detector, normal_paths, category, errors)
+        thr = _set_threshold(spec, make_detector, detector, shots, errors, category)
 
     image_paths = [Path(p) for p in image_paths]
     if not image_paths:
@@ -532,10 +551,11 @@ def split_by_group(root: str | Path, paths: Sequence[Path]) -> dict[str, list[Pa
 
 
 def run_predict_groups(
-    make_detector: Callable[[], Detector],
+    make_detector: Callable[[], Detector] | None,
     image_groups: dict[str, list[Path]],
     out_dir: str | Path,
     *,
+    models: dict[str, Path] | None = None,
     normal_groups: dict[str, list[Path]] | None = None,
     calibration_groups: dict[str, list[Path]] | None = None,
     threshold: ThresholdSpec | None = None,
@@ -551,8 +571,10 @@ def run_predict_groups(
     ``group`` column) and ``index.html`` (a line and a report link per group).
 
     Args:
-        make_detector: builds a fresh detector with the run's settings.
+        make_detector: builds a fresh detector with the run's settings (None with ``models``).
         image_groups: group -> images to inspect (see :func:`split_by_group`).
+        models: group -> fitted model file (``fit_model_groups``): each group is scored by
+            its own saved detector and threshold, no refit; every image group needs one.
         normal_groups: group -> normal images; every image group needs one (may be None for
             zero-shot methods).
         calibration_groups: group -> calibration images when the threshold policy uses a
@@ -570,14 +592,18 @@ def run_predict_groups(
     if not image_groups:
         raise ValueError("grouped run: no image group to inspect")
     threshold = threshold or ThresholdSpec()
-    for what, given in (("normal", normal_groups), ("calibration", calibration_groups)):
+    for what, given in (
+        ("normal images", normal_groups),
+        ("calibration images", calibration_groups),
+        ("model", models),
+    ):
         if given is None:
             continue
         missing = sorted(set(image_groups) - set(given))
         if missing:
             raise ValueError(
-                f"grouped run: no {what} images for group(s) {', '.join(missing)} "
-                f"({what} groups: {', '.join(sorted(given)) or 'none'})"
+                f"grouped run: no {what} for group(s) {', '.join(missing)} "
+                f"({what.split()[0]} groups: {', '.join(sorted(given)) or 'none'})"
             )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -586,10 +612,14 @@ def run_predict_groups(
         spec = threshold
         if calibration_groups is not None:
             spec = dataclasses.replace(threshold, calibration=calibration_groups[group])
+        fitted: dict[str, Any] = {}
+        if models is not None:
+            fitted["detector"], fitted["model_threshold"] = load_model_for_predict(models[group])
         summaries[group] = run_predict(
             make_detector,
             images,
             out / group,
+            **fitted,
             normal_paths=(normal_groups or {}).get(group, []),
             threshold=spec,
             title=f"{title} - {group}",
@@ -627,3 +657,115 @@ def _write_group_outputs(out: Path, summaries: dict[str, PredictSummary], title:
         f"<th>threshold</th></tr>{''.join(lines)}</table></body></html>"
     )
     atomic_write_text(out / "index.html", page)
+
+
+# ----------------------------------------------------------------------------- model files
+@dataclass
+class FitSummary:
+    """What ``fit_model`` wrote: the model path, its threshold and the unreadable files."""
+
+    path: Path
+    threshold: Threshold | None
+    num_shots: int
+    errors: list[dict[str, str]]
+    seconds: float
+
+
+def threshold_from_dict(d: dict[str, Any] | None) -> Threshold | None:
+    """A :class:`Threshold` from its ``to_dict()`` form (as saved in a model file)."""
+    if d is None:
+        return None
+    vis = d.get("vis_range")
+    return Threshold(
+        value=float(d["value"]),
+        pixel_value=None if d.get("pixel_value") is None else float(d["pixel_value"]),
+        method=str(d["method"]),
+        details=dict(d.get("details") or {}),
+        vis_range=None if vis is None else (float(vis[0]), float(vis[1])),
+    )
+
+
+def load_model_for_predict(
+    path: str | os.PathLike[str], device: str | None = None
+) -> tuple[Detector, Threshold | None]:
+    """The fitted detector and saved threshold of a model folder or ``.anomalens`` file."""
+    from anomalens.model_file import load_model
+
+    saved = load_model(path, device=device)
+    return saved.detector, threshold_from_dict(saved.threshold)
+
+
+def fit_model(
+    make_detector: Callable[[], Detector],
+    normal_paths: Sequence[Path],
+    out: str | Path,
+    *,
+    threshold: ThresholdSpec | None = None,
+    category: str | None = None,
+    embed_weights: bool = False,
+) -> FitSummary:
+    """Fit once and save: the detector and its threshold as a model (``anomalens fit``).
+
+    The threshold is set as ``run_predict`` sets it (leave-one-out on the normal images by
+    default, a calibration folder, a fixed value, or the method's default); batch methods
+    without one save none (it is then set from each scored batch).
+
+    Args:
+        make_detector: builds a fresh detector (also used for leave-one-out).
+        normal_paths: the k normal images (may be empty for zero-shot methods).
+        out: model folder, or a ``.anomalens`` file.
+        threshold: threshold policy.
+        category: object name given to ``fit``.
+        embed_weights: store the backbone weights in the model (self-contained).
+    """
+    t0 = time.perf_counter()
+    errors: list[dict[str, str]] = []
+    detector, shots = _fit(make_detector, normal_paths, category, errors)
+    thr = _set_threshold(
+        threshold or ThresholdSpec(), make_detector, detector, shots, errors, category
+    )
+    path = detector.save(out, threshold=thr, embed_weights=embed_weights)
+    return FitSummary(Path(path), thr, detector.num_shots, errors, time.perf_counter() - t0)
+
+
+def fit_model_groups(
+    make_detector: Callable[[], Detector],
+    normal_groups: dict[str, list[Path]],
+    out: str | Path,
+    *,
+    calibration_groups: dict[str, list[Path]] | None = None,
+    threshold: ThresholdSpec | None = None,
+    class_names: bool = False,
+    category: str | None = None,
+    embed_weights: bool = False,
+) -> dict[str, FitSummary]:
+    """One model per group (``out/<group>/``), each fitted on that group's normal images.
+
+    Raises:
+        ValueError: no group, or a group without calibration images when the policy needs
+            them; nothing is fitted then.
+    """
+    if not normal_groups:
+        raise ValueError("grouped fit: no group of normal images")
+    threshold = threshold or ThresholdSpec()
+    if calibration_groups is not None:
+        missing = sorted(set(normal_groups) - set(calibration_groups))
+        if missing:
+            raise ValueError(
+                f"grouped fit: no calibration images for group(s) {', '.join(missing)}"
+            )
+    out = Path(out)
+    summaries = {}
+    for group, normals in normal_groups.items():
+        spec = threshold
+        if calibration_groups is not None:
+            spec = dataclasses.replace(threshold, calibration=calibration_groups[group])
+        summaries[group] = fit_model(
+            make_detector,
+            normals,
+            out / group,
+            threshold=spec,
+            category=group if class_names else category,
+            embed_weights=embed_weights,
+        )
+    return summaries

@@ -1,4 +1,4 @@
-"""``anomalens`` command line: predict, benchmark, synth, demo, list, weights, train."""
+"""``anomalens`` command line: fit, predict, benchmark, synth, demo, list, weights, train."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ log = logging.getLogger("anomalens")
 
 EPILOG = """examples:
   anomalens demo --out demo_out
+  anomalens fit --method patchcore --normal good/ --out model/ --backbone mobilenet_v2
+  anomalens predict --model model/ --images incoming/ --out results/
   anomalens predict --method patchcore --normal good/ --images incoming/ --out results/ \\
       --weights mobilenet_v2.safetensors --backbone mobilenet_v2
   anomalens benchmark --method patchcore --dataset mvtec --root /data/mvtec \\
@@ -59,11 +61,13 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: {exc}") from None
 
 
-def _add_method_flags(p: argparse.ArgumentParser, default_method: str | None = None) -> None:
+def _add_method_flags(
+    p: argparse.ArgumentParser, default_method: str | None = None, required: bool | None = None
+) -> None:
     g = p.add_argument_group("method")
     g.add_argument(
         "--method",
-        required=default_method is None,
+        required=default_method is None if required is None else required,
         default=default_method,
         help="detector name (see `anomalens list methods`)",
     )
@@ -146,6 +150,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     from anomalens.registry import create_detector
 
+    if args.model:
+        return _predict_with_model(args)
+    if not args.method:
+        raise SystemExit("error: give --method (fit now) or --model (a model from `anomalens fit`)")
     kwargs = _method_kwargs(args)
     if args.pairs or args.reference_dir:
         return _predict_pairs(args, kwargs)
@@ -269,6 +277,170 @@ def _predict_pairs(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
     return 0
 
 
+#: method flags that a model file fixes (``--device`` may still move it)
+_MODEL_FIXED = ("method", "backbone", "weights", "checkpoint", "image_size", "precision", "option")
+
+
+def _threshold_spec(args: argparse.Namespace, calibration: list[Path] | None) -> Any:
+    from anomalens.pipeline import ThresholdSpec
+
+    return ThresholdSpec(
+        fixed=args.threshold,
+        pixel_fixed=args.pixel_threshold,
+        calibration=calibration,
+        percentile=args.percentile,
+        margin=args.margin,
+    )
+
+
+def _print_summaries(summaries: dict[str, Any], out: str, index: Path) -> None:
+    for group, s in summaries.items():
+        print(
+            f"{group + ': ' if group else ''}{s.num_scored} images scored, {s.num_anomalous} "
+            f"anomalous (threshold {s.threshold.value:.6g}, {s.threshold.method}); "
+            f"{s.num_errors} unreadable; {s.seconds:.1f} s"
+        )
+    print(f"results: {Path(out) / 'results.csv'}\nreport:  {index}")
+
+
+def _predict_with_model(args: argparse.Namespace) -> int:
+    """``predict --model``: score with a fitted model file, no refit."""
+    from anomalens.model_file import model_kind
+    from anomalens.pipeline import (
+        load_model_for_predict,
+        run_predict,
+        run_predict_groups,
+        split_by_group,
+    )
+
+    given = [f"--{f.replace('_', '-')}" for f in _MODEL_FIXED if getattr(args, f, None)]
+    given += ["--tf-padding"] if getattr(args, "tf_padding", False) else []
+    given += ["--normal"] if args.normal else []
+    given += ["--object-name"] if args.object_name else []
+    given += ["--class-names"] if args.class_names else []
+    given += ["--pairs"] if args.pairs else []
+    given += ["--reference-dir"] if args.reference_dir else []
+    if given:
+        raise SystemExit(
+            f"error: {', '.join(given)} cannot be used with --model: the model file fixes the "
+            "method, its settings, its normal images and its object name (fit a new model with "
+            "`anomalens fit` to change them)"
+        )
+    if not getattr(args, "images", None):
+        raise SystemExit("error: --model needs --images DIR (the images to inspect)")
+    recursive = args.recursive or args.groups
+    images = _images_of(args.images, recursive)
+    calibration = _images_of(args.calibration, recursive) if args.calibration else None
+    spec = _threshold_spec(args, calibration)
+    common: dict[str, Any] = {
+        "threshold": spec,
+        "batch_size": args.batch_size,
+        "save_overlays": not args.no_overlays,
+        "save_masks": not args.no_masks,
+        "resume": not args.no_resume,
+        "progress": not args.quiet,
+    }
+    model = Path(args.model)
+    if args.groups:  # one model per sub-folder of --model, as `anomalens fit --groups` writes
+        if not model.is_dir() or (model / "model.json").is_file():
+            raise SystemExit(
+                f"error: --groups needs --model to be a folder of group models (`anomalens fit "
+                f"--groups --out DIR`); {model} is a single model: drop --groups"
+            )
+        models = {p.name: p for p in sorted(model.iterdir()) if not p.name.startswith(".")}
+        models = {k.removesuffix(".anomalens"): v for k, v in models.items()}
+        summaries = run_predict_groups(
+            None,
+            split_by_group(args.images, images),
+            args.out,
+            models=models,
+            calibration_groups=split_by_group(args.calibration, calibration)
+            if calibration
+            else None,
+            title=f"anomalens {model.name}: {Path(args.images).name}",
+            **common,
+        )
+        _print_summaries(summaries, args.out, Path(args.out) / "index.html")
+        return 0
+    kind = model_kind(model)
+    if kind != "anomalens":
+        raise SystemExit(
+            f"error: {model} is an exported model ({kind}); run it with the exported model's "
+            "inferencer"
+        )
+    detector, thr = load_model_for_predict(model, device=args.device)
+    summary = run_predict(
+        None,
+        images,
+        args.out,
+        detector=detector,
+        model_threshold=thr,
+        title=f"anomalens {detector.name} ({model.name}): {Path(args.images).name}",
+        **common,
+    )
+    _print_summaries({"": summary}, args.out, Path(args.out) / "report.html")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """``anomalens fit``: fit once on the normal images and save the model with its threshold."""
+    from anomalens.pipeline import fit_model, fit_model_groups, split_by_group
+    from anomalens.registry import create_detector
+
+    kwargs = _method_kwargs(args)
+    normals = _images_of(args.normal, args.recursive or args.groups) if args.normal else []
+    recursive = args.recursive or args.groups
+    calibration = _images_of(args.calibration, recursive) if args.calibration else None
+    spec = _threshold_spec(args, calibration)
+    if args.object_name and args.class_names:
+        raise SystemExit("error: give either --object-name or --class-names, not both")
+
+    def make_detector() -> Any:
+        return create_detector(args.method, **kwargs)
+
+    if args.groups:
+        if not args.normal:
+            raise SystemExit("error: --groups needs --normal DIR with one sub-folder per group")
+        summaries = fit_model_groups(
+            make_detector,
+            split_by_group(args.normal, normals),
+            args.out,
+            calibration_groups=split_by_group(args.calibration, calibration)
+            if calibration
+            else None,
+            threshold=spec,
+            class_names=args.class_names,
+            category=args.object_name,
+            embed_weights=args.embed_weights,
+        )
+    else:
+        summaries = {
+            "": fit_model(
+                make_detector,
+                normals,
+                args.out,
+                threshold=spec,
+                category=args.object_name,
+                embed_weights=args.embed_weights,
+            )
+        }
+    for group, s in summaries.items():
+        thr = (
+            f"threshold {s.threshold.value:.6g} ({s.threshold.method})"
+            if s.threshold is not None
+            else "threshold set from each scored batch"
+        )
+        print(
+            f"{group + ': ' if group else ''}{args.method} fitted on {s.num_shots} normal "
+            f"image(s), {thr}; {len(s.errors)} unreadable; {s.seconds:.1f} s -> {s.path}"
+        )
+    print(
+        f"use it: anomalens predict --model {args.out} --images DIR --out DIR"
+        + (" --groups" if args.groups else "")
+    )
+    return 0
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from anomalens.benchmark.runner import BenchmarkConfig, run_benchmark
 
@@ -376,9 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
         "overlays/, masks/, report.html and run.json into --out. The decision threshold is "
         "set without labelled defects: leave-one-out on the normal images (default), a "
         "--calibration folder of further normal images, or a fixed --threshold. Reruns "
-        "resume: images already scored with the same settings are skipped.",
+        "resume: images already scored with the same settings are skipped. With --model, a "
+        "model written by `anomalens fit` is used as it is (no refit, its saved threshold).",
     )
-    _add_method_flags(s)
+    _add_method_flags(s, required=False)
+    s.add_argument(
+        "--model",
+        help="a fitted model (folder or .anomalens file from `anomalens fit`) instead of "
+        "--method and --normal; with --groups, the folder of per-group models",
+    )
     s.add_argument("--normal", help="folder of k normal (good) images")
     s.add_argument("--images", help="folder of images to inspect")
     s.add_argument("--out", required=True, help="output folder")
@@ -445,6 +623,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-resume", action="store_true", help="recompute everything")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser(
+        "fit",
+        help="fit once on normal images and save the model with its threshold",
+        description="Fit a detector on your k normal images (--normal; omit it for zero-shot "
+        "methods), set its decision threshold without labelled defects (leave-one-out on the "
+        "normal images by default, a --calibration folder, or --threshold) and save both as "
+        "a model folder (or NAME.anomalens file) for `anomalens predict --model`. Backbone "
+        "weights are referenced by name and checksum; --embed-weights stores them too.",
+    )
+    _add_method_flags(s)
+    s.add_argument("--normal", help="folder of k normal (good) images")
+    s.add_argument("--out", required=True, help="model folder, or a .anomalens file")
+    s.add_argument("--recursive", action="store_true", help="include sub-folders")
+    s.add_argument(
+        "--groups",
+        action="store_true",
+        help="one model per sub-folder of --normal: writes OUT/G/ for each group G "
+        "(use with `anomalens predict --model OUT --groups`)",
+    )
+    s.add_argument("--object-name", help="object name for methods whose prompts name it (WinCLIP)")
+    s.add_argument(
+        "--class-names",
+        action="store_true",
+        help="with --groups: use each sub-folder's name as its object name",
+    )
+    s.add_argument(
+        "--embed-weights",
+        action="store_true",
+        help="store the backbone weights in the model (self-contained, larger)",
+    )
+    t = s.add_argument_group("threshold (no labelled defects needed)")
+    t.add_argument("--threshold", type=float, help="fixed image-score threshold")
+    t.add_argument("--pixel-threshold", type=float, help="fixed pixel threshold for masks")
+    t.add_argument("--calibration", help="folder of extra normal images to calibrate on")
+    t.add_argument(
+        "--percentile",
+        type=float,
+        help="percentile of normal scores (default 99 with --calibration, 100 = max for leave-one-out)",
+    )
+    t.add_argument(
+        "--margin", type=float, default=1.0, help="multiplier on the percentile (default 1)"
+    )
+    s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser(
         "benchmark",

@@ -343,3 +343,31 @@ class AdaptCLIP(FrozenClipDetector):
             }
         )
         return cfg
+
+    # ------------------------------------------------------------------------ model files
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Adapter weights (``adapters.*``), the static and learned text anchors (2, D) and
+        the few-shot patch memory per tapped layer (``memory.i`` (k*N, D); none zero-shot)."""
+        out = {f"adapters.{k}": v for k, v in self.adapters.state_dict().items()}
+        out["static_text"] = self.static_text
+        out["ta_text"] = self._text()
+        for i, m in enumerate(self._memory or []):
+            out[f"memory.{i}"] = m
+        return out
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Restore adapters, text anchors and memory; provenance from the saved config."""
+        state = {
+            k.removeprefix("adapters."): v for k, v in tensors.items() if k.startswith("adapters.")
+        }
+        adapters = AdaptCLIPAdapters(config_from_state_dict(state), pq_context=self.pq_context)
+        adapters.load_state_dict(state, strict=True)
+        self.adapters = adapters.to(self.device).eval()
+        self.static_text = tensors["static_text"].to(self.device)
+        self._ta_text = tensors["ta_text"].to(self.device)
+        n = sum(k.startswith("memory.") for k in tensors)
+        if n and n != len(self.layers):
+            raise ValueError(f"{n} memory layers saved for {len(self.layers)} tapped layers")
+        self._memory = [tensors[f"memory.{i}"].to(self.device) for i in range(n)] or None
+        self.adapter_source = str(config.get("adapters", self.adapter_source))
+        self.checkpoint_path = config.get("checkpoint")

@@ -273,3 +273,23 @@ class AnomalyCLIP(FrozenClipDetector):
             }
         )
         return cfg
+
+    # ------------------------------------------------------------------------ model files
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Prompt learner weights (``prompt_learner.*``) and the prompt embeddings (2, D)."""
+        out = {f"prompt_learner.{k}": v for k, v in self.prompt_learner.state_dict().items()}
+        out["text"] = self.text_embeddings()
+        return out
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Restore the prompt learner and its embeddings; provenance from the saved config."""
+        prefix = "prompt_learner."
+        state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        learner = build_prompt_learner(
+            self.backbone, config_from_state_dict(state), self.fp16_deep_prompts
+        )
+        learner.load_state_dict(state, strict=True)
+        self.prompt_learner = learner.to(self.device).eval()
+        self._text = tensors["text"].to(self.device)
+        self.prompt_source = str(config.get("prompts", self.prompt_source))
+        self.checkpoint_path = config.get("checkpoint")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
+import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -246,3 +248,42 @@ class Detector(abc.ABC):
     def _predict_grouped(self, images: list[ImageLike], groups: list[str] | None) -> Prediction:
         """Score images with optional group labels; by default the labels are ignored."""
         return self._predict(images)
+
+    # ----------------------------------------------------------------- model files
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threshold: Any = None,
+        embed_weights: bool = False,
+    ) -> Path:
+        """Write the fitted detector as a model folder (or ``NAME.anomalens`` zip).
+
+        Args:
+            path: output folder, or a ``.anomalens`` file name.
+            threshold: decision threshold to store (``anomalens.thresholds.Threshold``).
+            embed_weights: store the backbone weights too (a self-contained file).
+
+        See :func:`anomalens.model_file.save_detector`; read it back with
+        ``anomalens.load_detector(path)``.
+        """
+        from anomalens.model_file import save_detector
+
+        return save_detector(self, path, threshold=threshold, embed_weights=embed_weights)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted state as named tensors (model files); every method implements it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement _state_tensors(): it cannot be saved"
+        )
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Restore the state written by ``_state_tensors`` (``config``: the saved config())."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement _load_state_tensors(): it cannot be loaded"
+        )
+
+    @classmethod
+    def _backbone_option(cls, module: torch.nn.Module) -> Any:
+        """The ``backbone`` option that makes the constructor use a rebuilt backbone module."""
+        return module

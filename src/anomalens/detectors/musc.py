@@ -417,3 +417,20 @@ class MuSc(Detector):
         )
         cfg.update(self.extractor.describe())
         return cfg
+
+    # --------------------------------------------------------------------------- model files
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Nothing: MuSc has no fitted state (a model file stores its settings only)."""
+        return {}
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Nothing to restore: MuSc scores each batch against itself."""
+        if tensors:
+            raise ValueError(f"MuSc has no fitted state, got tensors {sorted(tensors)}")
+
+    @classmethod
+    def _backbone_option(cls, module: torch.nn.Module) -> Any:
+        """A rebuilt CNN is wrapped as MuSc's feature extractor; a CLIP is taken as it is."""
+        from anomalens.backbones.cnn import CNNFeatureExtractor
+
+        return CnnPatchExtractor(module) if isinstance(module, CNNFeatureExtractor) else module

@@ -253,3 +253,25 @@ class GaussianMVG(Detector):
             published=False,
         )
         return cfg
+
+    # ------------------------------------------------------------------ model files
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Per level l: ``mean.l`` (d_l,) and ``whitening.l`` (d_l, d_l) in float64, and the
+        shrinkages (L,)."""
+        out = {"shrinkages": torch.tensor(self.shrinkages, dtype=torch.float64)}
+        for i, (mean, whitening) in enumerate(zip(self.means, self.whitenings)):
+            out[f"mean.{i}"] = mean
+            out[f"whitening.{i}"] = whitening
+        return out
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Restore the per-level Gaussians written by ``_state_tensors``."""
+        n = int(tensors["shrinkages"].numel())
+        self.means = [tensors[f"mean.{i}"].to(self.device) for i in range(n)]
+        self.whitenings = [tensors[f"whitening.{i}"].to(self.device) for i in range(n)]
+        for mean, whitening in zip(self.means, self.whitenings):
+            if whitening.shape != (mean.shape[0], mean.shape[0]):
+                raise ValueError(
+                    f"whitening {tuple(whitening.shape)} does not fit mean {tuple(mean.shape)}"
+                )
+        self.shrinkages = [float(v) for v in tensors["shrinkages"].tolist()]

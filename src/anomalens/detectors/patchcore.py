@@ -239,3 +239,20 @@ class PatchCore(Detector):
             device=str(self.device),
         )
         return cfg
+
+    # ------------------------------------------------------------------ model files
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Memory bank (M, D) and the bank size before coreset subsampling (0-d)."""
+        assert self.memory_bank is not None
+        return {
+            "memory_bank": self.memory_bank,
+            "bank_size_before_coreset": torch.tensor(self.bank_size_before_coreset),
+        }
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Restore the memory bank written by ``_state_tensors``."""
+        bank = tensors["memory_bank"]
+        if bank.ndim != 2:
+            raise ValueError(f"memory_bank must be (M, D), got {tuple(bank.shape)}")
+        self.memory_bank = bank.to(self.device)
+        self.bank_size_before_coreset = int(tensors["bank_size_before_coreset"])

@@ -304,3 +304,26 @@ class WinCLIP(Detector):
             memory_sizes=self.memory_sizes,
         )
         return cfg
+
+    # ------------------------------------------------------------------------- model files
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Text prototypes (2, D) of the fitted object name and the WinCLIP+ memories
+        (``memory.patch`` (k*N, W), ``memory.window_K`` (k*M_K, D); none in zero-shot)."""
+        out = {"text_prototypes": self.text_prototypes}
+        out.update({f"memory.{name}": m for name, m in self._memory.items()})
+        return out
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Restore the prototypes (for ``config["class_name"]``) and the memories."""
+        self.class_name = str(config["class_name"])
+        self._prototypes = {self.class_name: tensors["text_prototypes"].to(self.device)}
+        self._memory = {
+            k.removeprefix("memory."): v.to(self.device)
+            for k, v in tensors.items()
+            if k.startswith("memory.")
+        }
+        expected = {"patch", *(f"window_{k}" for k in self.scales)}
+        if self._memory and set(self._memory) != expected:
+            raise ValueError(
+                f"WinCLIP+ memories {sorted(self._memory)} do not match scales {self.scales}"
+            )

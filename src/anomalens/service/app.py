@@ -593,6 +593,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         engine.cache.put(profile, detector)
         return _profile_out(profile)
 
+    @api.post("/profiles/import", response_model=ProfileOut, status_code=201, tags=["profiles"])
+    def import_profile(
+        name: str = Form(..., description="1-64 lower case letters, digits, '-' or '_'"),
+        model: UploadFile = File(..., description="a model file from `anomalens fit`"),
+    ) -> ProfileOut:
+        """Create a profile from a fitted model file (``.anomalens``): no normal images needed."""
+        profile, detector = profiles.create_from_model(name, model.file.read())
+        engine.cache.put(profile, detector)
+        return _profile_out(profile)
+
     @api.get("/profiles/{name}", response_model=ProfileOut, tags=["profiles"])
     def get_profile(name: str) -> ProfileOut:
         return _profile_out(profiles.get(name))

@@ -113,6 +113,20 @@ class InspectionEngine:
 
     def _refit(self, profile: Profile) -> Detector:
         t0 = time.perf_counter()
+        model = self.profiles.model_path(profile)
+        if model is not None:  # saved with the profile: no refit after a restart
+            from anomalens.model_file import ModelFileError, load_detector
+
+            try:
+                det = load_detector(model)
+                log.info("loaded profile %s in %.2f s", profile.name, time.perf_counter() - t0)
+                return det
+            except (ModelFileError, OSError, ValueError, RuntimeError) as exc:
+                if not profile.normals:
+                    raise ServiceError(
+                        500, "model_failed", f"profile {profile.name!r}: {exc}"
+                    ) from exc
+                log.warning("profile %s: %s; refitting from its normal images", profile.name, exc)
         try:
             det = profile.make_detector()
             normals = self.profiles.load_normals(profile)

@@ -4,10 +4,13 @@ Layout under ``<data_dir>/profiles``::
 
     <name>/profile.json            settings, threshold, list of normal images (sha256)
     <name>/normals/<sha256>.png    the normal images, re-encoded as PNG (content-addressed)
+    <name>/model.anomalens         the fitted detector and its threshold (a model file)
 
 A profile is created in a temporary folder and renamed into place in one step, so it exists
-completely or not at all. The fitted detector is not saved: it is refitted from the stored
-normal images on first use after a restart (the threshold is stored, so no recalibration).
+completely or not at all. The fitted detector is saved as a model file, so a restart loads it
+instead of refitting (profiles made before model files, or whose model cannot be read, are
+refitted from the stored normal images). A profile can also be made from an uploaded model
+file (``create_from_model``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ PROFILE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _NAME_RE = re.compile(PROFILE_NAME_PATTERN)
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 THRESHOLD_MODES = ("leave-one-out", "fixed")
+#: the fitted detector of a profile, in its folder
+MODEL_FILE = "model.anomalens"
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,11 @@ class ProfileStore:
         d = self._dir(profile.name) / "normals"
         return [d / f"{sha}.png" for sha in profile.normals if _SHA_RE.fullmatch(sha)]
 
+    def model_path(self, profile: Profile) -> Path | None:
+        """The profile's saved model file, or None (older profiles: refit from the normals)."""
+        p = self._dir(profile.name) / MODEL_FILE
+        return p if p.is_file() else None
+
     def load_normals(self, profile: Profile) -> list:
         """The stored normal images as (H, W, 3) uint8 arrays."""
         return [load_image(p) for p in self.normal_paths(profile)]
@@ -344,12 +354,85 @@ class ProfileStore:
             try:
                 for im in shots:
                     atomic_save_png(tmp / "normals" / f"{im.sha256}.png", im.array)
+                _save_model(detector, tmp / MODEL_FILE, thr)
                 atomic_write_json(tmp / "profile.json", profile.to_dict())
                 os.rename(tmp, target)  # the commit point
                 _fsync_dir(self.root)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
+        return profile, detector
+
+    def create_from_model(self, name: str, data: bytes) -> tuple[Profile, Detector]:
+        """A profile from an uploaded model file (``anomalens fit --out NAME.anomalens``).
+
+        The file is validated by loading it (format, checksums, tensors, backbone weights).
+        Weight options of a model whose backbone is not embedded must be weight *names*, as
+        for :meth:`create`.
+
+        Raises:
+            ServiceError: 409 if the name exists; 422 for a file that is not a valid model,
+                a model without a threshold (and no method default), or weights not allowed.
+        """
+        from anomalens.model_file import ModelFileError, load_model, read_model_info
+
+        target = self._dir(name)
+        with self._lock:
+            if self.exists(name):
+                raise ServiceError(409, "exists", f"a profile named {name!r} already exists")
+        uid = uuid.uuid4().hex
+        tmp = self.root / f".tmp-{uid}"
+        try:
+            tmp.mkdir(parents=True)
+            model = tmp / MODEL_FILE
+            model.write_bytes(data)
+            try:
+                info = read_model_info(model)
+                if not info["backbone"]["embedded"]:
+                    _check_weight_names(
+                        {k: v for k, v in info["init_options"].items() if k != "checkpoint"}
+                    )
+                saved = load_model(model)
+            except ModelFileError as exc:
+                raise ServiceError(
+                    422, "bad_model", str(exc).replace(str(model), "the uploaded model")
+                ) from None
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ServiceError(422, "bad_model", f"cannot load the model: {exc}") from None
+            detector = saved.detector
+            thr = saved.threshold
+            if thr is None:
+                if detector.default_threshold is None:
+                    raise ServiceError(
+                        422,
+                        "bad_model",
+                        "the model has no threshold; fit it with a threshold "
+                        "(anomalens fit sets one unless the method scores whole batches)",
+                    )
+                thr = fixed_threshold(detector.default_threshold).to_dict()
+            profile = Profile(
+                name=name,
+                uid=uid,
+                method=detector.name,
+                options=dict(info["init_options"]),
+                learning_type=detector.learning_type.value,
+                normals=[],
+                normal_names=[],
+                threshold=thr,
+                policy={"mode": "model-file", "value": thr["value"]},
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                detector_config=detector.config(),
+                category=detector.category,
+            )
+            atomic_write_json(tmp / "profile.json", profile.to_dict())
+            with self._lock:
+                if self.exists(name):
+                    raise ServiceError(409, "exists", f"a profile named {name!r} already exists")
+                os.rename(tmp, target)  # the commit point
+                _fsync_dir(self.root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
         return profile, detector
 
     def delete(self, name: str) -> Profile:
@@ -360,6 +443,17 @@ class ProfileStore:
             os.rename(self._dir(name), trash)  # gone in one step
             shutil.rmtree(trash, ignore_errors=True)
         return profile
+
+
+def _save_model(detector: Detector, path: Path, threshold: Threshold) -> None:
+    """Save the fitted detector with the profile; a detector that cannot be saved (a custom
+    method without model-file support) is refitted after a restart instead."""
+    from anomalens.model_file import ModelFileError
+
+    try:
+        detector.save(path, threshold=threshold)
+    except (ModelFileError, NotImplementedError) as exc:
+        log.warning("profile model not saved, it will be refitted after a restart: %s", exc)
 
 
 def _fsync_dir(path: Path) -> None:
