@@ -688,7 +688,12 @@ def load_model(
         WeightNotAvailableError: referenced backbone weights are not on disk nor cached and
             cannot be fetched (offline); the message names the command that fetches them.
     """
-    from anomalens.registry import check_options, get_detector_class
+    from anomalens.registry import (
+        _factory_options,
+        check_options,
+        create_detector,
+        get_detector_class,
+    )
 
     p = Path(path)
     raw_info, payload = _read_files(p)
@@ -711,12 +716,16 @@ def load_model(
         }
         module = _rebuild_backbone(bb["kind"], bb["architecture"], bb_tensors, dev)
         options[bb["option"]] = cls._backbone_option(module)
+    if bb["embedded"]:
+        # the rebuilt module is the backbone: the options that would build one do not apply
+        for key in _factory_options(cls):
+            options.pop(key, None)
     try:
         opts = check_options(method, options)
         with warnings.catch_warnings():
             # adapters / prompts are untrained until the saved state is loaded below
             warnings.filterwarnings("ignore", message=".*untrained.*", category=UserWarning)
-            detector = cls(**opts)
+            detector = create_detector(method, **opts)
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"model {p}: the detector cannot be rebuilt: {exc}") from exc
     detector.init_options = {**opts, **state_options}

@@ -107,9 +107,10 @@ def test_unfitted_or_hand_built_detectors_are_refused(tmp_path: Path) -> None:
     det = BUILDERS["patchcore"]()
     with pytest.raises(ModelFileError, match="not fitted"):
         det.save(tmp_path / "m")
+    from anomalens.backbones.factory import build_backbone
     from anomalens.detectors.patchcore import PatchCore
 
-    raw = PatchCore(backbone="resnet18", weights="random", image_size=64)
+    raw = PatchCore(backbone=build_backbone("cnn", "resnet18", weights="random"), image_size=64)
     raw.fit(_images(1))
     with pytest.raises(ModelFileError, match="create_detector"):
         raw.save(tmp_path / "m")
