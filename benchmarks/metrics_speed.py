@@ -219,10 +219,12 @@ def peer_runs(maps: np.ndarray, masks: np.ndarray) -> dict[str, tuple[float, flo
         runs["torchmetrics AUROC+AP"] = _timed(tm)
     if torch_spec and importlib.util.find_spec("anomalib"):
         import torch
-        from anomalib.metrics import AUPRO
+
+        # The plain torchmetrics metric behind anomalib's batch-field wrapper ``AUPRO``.
+        from anomalib.metrics.aupro import _AUPRO
 
         def ab() -> dict[str, float]:
-            metric = AUPRO(fpr_limit=0.3)
+            metric = _AUPRO(fpr_limit=0.3)
             metric.update(torch.from_numpy(maps), torch.from_numpy(masks).int())
             return {"pixel_aupro": float(metric.compute())}
 
@@ -306,15 +308,23 @@ def main() -> None:
             f"peers on the first {n_sub} maps ({maps.size / 1e6:.1f} M pixels, one array); "
             f"ratio = peer CPU s/map over the full-size {exact_key} run's CPU s/map"
         )
-        for name, (wall, cpu, out) in peer_runs(maps, masks).items():
+        runs = peer_runs(maps, masks)
+        stack = ("torchmetrics AUROC+AP", "anomalib AUPRO")
+        if all(k in runs for k in stack):
+            runs["peer stack: torchmetrics + anomalib"] = (
+                sum(runs[k][0] for k in stack),
+                sum(runs[k][1] for k in stack),
+                {},
+            )
+        for name, (wall, cpu, out) in runs.items():
             per_map = cpu / n_sub
             ratio = f"{per_map / ref:8.1f}x" if ref else "     n/a"
             values = ", ".join(f"{k}={float(v):.6f}" for k, v in out.items())
             print(
-                f"  {name:<24} {wall:7.2f} s wall {cpu:7.2f} s CPU {per_map * 1e3:8.1f} ms CPU/map "
+                f"  {name:<36} {wall:7.2f} s wall {cpu:7.2f} s CPU {per_map * 1e3:8.1f} ms CPU/map "
                 f"{ratio}  {values}"
             )
-            key = name.replace(" ", "_").replace("+", "_").lower()
+            key = "".join(c if c.isalnum() else "_" for c in name.lower())
             row[f"peer_{key}_cpu_ms_per_map"] = round(per_map * 1e3, 2)
         row["peer_n"] = n_sub
     row["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
