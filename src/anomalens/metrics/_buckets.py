@@ -23,6 +23,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
+try:  # the compiled counting sort behind ``csr_array.tocsc()``, called to reuse buffers
+    from scipy.sparse._sparsetools import csr_tocsc as _csr_tocsc
+except ImportError:  # pragma: no cover - private name; the public conversion is the fallback
+    _csr_tocsc = None
+
 if TYPE_CHECKING:
     import torch
 
@@ -35,6 +40,7 @@ __all__ = [
     "group_by_bucket",
     "keys_to_float32",
     "order_keys",
+    "remove_sorted",
     "torch_order_keys",
     "torch_rows",
 ]
@@ -66,7 +72,8 @@ class GrowingArray:
         self.astype(np.result_type(self.data.dtype, values.dtype))
         need = self.size + values.size
         if need > self.data.size:
-            self.data.resize(max(need, self.data.size + self.data.size // 4), refcheck=False)
+            grown = max(need, self.data.size + self.data.size // 2, 1 << 14)
+            self.data.resize(grown, refcheck=False)
         self.data[self.size : need] = values
         self.size = need
 
@@ -118,7 +125,10 @@ def _split(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def group_by_bucket(
-    buckets: np.ndarray, payload: np.ndarray, num_buckets: int = NUM_BUCKETS
+    buckets: np.ndarray,
+    payload: np.ndarray,
+    num_buckets: int = NUM_BUCKETS,
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stable counting sort of ``payload`` by ``buckets``, O(M + num_buckets).
 
@@ -130,6 +140,8 @@ def group_by_bucket(
         buckets: (M,) int32 bucket of every item, in ``0..num_buckets - 1``.
         payload: (M,) values to group (any numeric dtype).
         num_buckets: number of buckets B.
+        out: optional reusable buffers (grouped (>= M,) of the payload dtype, rows (>= M,)
+            int32, starts (B + 1,) int32) for M < 2**31; avoids fresh allocations per call.
 
     Returns:
         ``grouped`` (M,) payload ordered by bucket, input order kept inside a bucket, and
@@ -138,13 +150,18 @@ def group_by_bucket(
     n = int(payload.size)
     if n == 0:
         return payload[:0].copy(), np.zeros(num_buckets + 1, dtype=np.int64)
+    if out is not None and _csr_tocsc is not None and n < 2**31:
+        grouped, rows, starts = out[0][:n], out[1][:n], out[2]
+        indptr = np.array([0, n], dtype=np.int32)
+        _csr_tocsc(1, num_buckets, indptr, buckets, payload, starts, rows, grouped)
+        return grouped, starts
     index_dtype = np.int32 if n < 2**31 else np.int64
     indptr = np.array([0, n], dtype=index_dtype)
     matrix = sparse.csr_array(
         (payload, buckets.astype(index_dtype, copy=False), indptr), shape=(1, num_buckets)
     )
-    grouped = matrix.tocsc()
-    return grouped.data, grouped.indptr.astype(np.int64, copy=False)
+    grouped_csc = matrix.tocsc()
+    return grouped_csc.data, grouped_csc.indptr.astype(np.int64, copy=False)
 
 
 class BucketStore:
@@ -153,6 +170,7 @@ class BucketStore:
     def __init__(self) -> None:
         self.counts = np.zeros(NUM_BUCKETS, dtype=np.int64)
         self.lows: dict[int, GrowingArray] = {}
+        self._scratch: tuple[np.ndarray, ...] | None = None
 
     @property
     def size(self) -> int:
@@ -166,9 +184,23 @@ class BucketStore:
 
     def add(self, keys: np.ndarray) -> None:
         """Store (M,) int32 keys."""
+        if self._scratch is None:  # reused: fresh pages are costly, far more than the work
+            m = _GROUP_CHUNK
+            self._scratch = (
+                np.empty(m, np.int32),
+                np.empty(m, np.uint16),
+                np.empty(m, np.uint16),
+                np.empty(m, np.int32),
+                np.empty(NUM_BUCKETS + 1, np.int32),
+            )
+        bucket_buf, low_buf, *out = self._scratch
         for start in range(0, keys.size, _GROUP_CHUNK):
-            buckets, lows = _split(keys[start : start + _GROUP_CHUNK])
-            grouped, starts = group_by_bucket(buckets, lows)
+            chunk = keys[start : start + _GROUP_CHUNK]
+            buckets, lows = bucket_buf[: chunk.size], low_buf[: chunk.size]
+            np.right_shift(chunk, 16, out=buckets)
+            buckets += _OFFSET
+            np.copyto(lows, chunk, casting="unsafe")  # keeps the low 16 bits
+            grouped, starts = group_by_bucket(buckets, lows, out=tuple(out))  # type: ignore[arg-type]
             sizes = np.diff(starts)
             self.counts += sizes
             for b in np.flatnonzero(sizes).tolist():
@@ -247,27 +279,43 @@ def _below_and_equal(low: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, n
     return lt, np.searchsorted(low, values, side="right") - lt
 
 
-def bucket_rows(neg: BucketStore, pos_keys: np.ndarray, pos_weight: np.ndarray) -> ExactRows:
-    """Exact rows from the normal pixels' buckets and the anomalous pixels' keys.
+def bucket_rows(store: BucketStore, pos_keys: np.ndarray, pos_weight: np.ndarray) -> ExactRows:
+    """Exact rows from the buckets of *all* pixels and the anomalous pixels' keys.
+
+    The normal pixels' counts are those of all pixels minus those of the anomalous ones, so
+    ``update`` never has to separate the normal pixels.
 
     Args:
-        neg: the normal pixels' keys.
+        store: the keys of all pixels, normal and anomalous.
         pos_keys: (P,) int32 keys of the anomalous pixels.
         pos_weight: (P,) float64 weight of each anomalous pixel.
     """
-    below = np.concatenate(([0], np.cumsum(neg.counts)))
     index = np.arange(pos_keys.size, dtype=np.int32 if pos_keys.size < 2**31 else np.int64)
     buckets, lows = _split(pos_keys)
     order, starts = group_by_bucket(buckets, index)
     del index
+    below = np.concatenate(([0], np.cumsum(store.counts - np.diff(starts))))  # normal < bucket
     parts: list[tuple[np.ndarray, ...]] = []
     for b in np.flatnonzero(np.diff(starts)).tolist():
         idx = order[starts[b] : starts[b + 1]]
         values, counts, sums = _group_lows(lows[idx], pos_weight[idx])
-        lt, eq = _below_and_equal(neg.low(b), values)
+        lt, eq = _below_and_equal(store.low(b), values)
+        lt -= np.cumsum(counts) - counts  # anomalous pixels below, in this bucket
+        eq -= counts
         keys = ((b - _OFFSET) << 16) | values
         parts.append((keys, counts, lt + below[b], eq, sums))
     return _rows(parts, int(below[-1]))
+
+
+def remove_sorted(keys: np.ndarray, remove: np.ndarray) -> np.ndarray:
+    """Multiset difference of two ascending arrays (``remove`` contained in ``keys``): (M,)."""
+    values, counts = np.unique(remove, return_counts=True)
+    first = np.searchsorted(keys, values, side="left")
+    offsets = np.cumsum(counts) - counts
+    drop = np.repeat(first - offsets, counts) + np.arange(int(counts.sum()))
+    keep = np.ones(keys.size, dtype=bool)
+    keep[drop] = False
+    return keys[keep]
 
 
 def _rows(parts: list[tuple[np.ndarray, ...]], n_neg: int) -> ExactRows:

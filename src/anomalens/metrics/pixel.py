@@ -43,6 +43,7 @@ from anomalens.metrics._buckets import (
     bucket_rows,
     keys_to_float32,
     order_keys,
+    remove_sorted,
     torch_order_keys,
     torch_rows,
 )
@@ -331,11 +332,10 @@ class PixelMetricAccumulator:
         assert pos_scores is not None
         if self.mode == "exact":
             self._set_engine("bucket" if self._bucket_dtype(maps.dtype) else "sort")
-            neg = flat[~mflat] if pos_scores.size else flat
-            if self._engine == "bucket":
-                self._buckets.add(order_keys(neg))
+            if self._engine == "bucket":  # all pixels; compute subtracts the anomalous ones
+                self._buckets.add(flat.view(np.int32) if lo > 0 else order_keys(flat))
             else:
-                self._neg.append(neg)
+                self._neg.append(flat[~mflat] if pos_scores.size else flat)
                 self._neg_sorted = False
             if sizes.size:
                 self._add_regions(pos_region, sizes)
@@ -364,7 +364,8 @@ class PixelMetricAccumulator:
         if self._engine is None:
             self._engine = engine
         elif self._engine == "bucket" and engine == "sort":
-            self._neg.append(keys_to_float32(self._buckets.keys()))
+            pos = np.sort(order_keys(np.concatenate(self._pos))) if self._pos else []
+            self._neg.append(keys_to_float32(remove_sorted(self._buckets.keys(), pos)))
             self._buckets = BucketStore()
             self._neg_sorted = False
             self._engine = "sort"
@@ -641,9 +642,12 @@ class PixelMetricAccumulator:
 
     def _negatives_le(self, thresholds: np.ndarray) -> tuple[np.ndarray, int]:
         """Normal pixels ``<=`` each of (T,) ascending ``thresholds``: (T,) int64, and N."""
-        if self._engine == "bucket":
+        if self._engine == "bucket":  # all pixels minus the anomalous ones
             keys = order_keys(thresholds.astype(np.float32))
-            return self._buckets.count_le(keys), self._buckets.size
+            rows = self._exact_rows()
+            pos_le = np.concatenate(([0], np.cumsum(rows.pos)))
+            pos_le = pos_le[np.searchsorted(rows.keys, keys, side="right")]
+            return self._buckets.count_le(keys) - pos_le, rows.n_neg
         if self._engine == "torch":
             import torch
 
