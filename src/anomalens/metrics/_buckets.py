@@ -165,12 +165,20 @@ def group_by_bucket(
 
 
 class BucketStore:
-    """Low parts of int32 keys grouped by bucket: 2 bytes per key plus slack, O(M) per add."""
+    """Low parts of int32 keys grouped by bucket: 2 bytes per key, O(M) per add.
+
+    Each ``add`` groups its keys by bucket (counting sort, in chunks) and appends the grouped
+    low parts to one growing array, recording where every non-empty bucket's segment lies;
+    :meth:`low` gathers a bucket's segments.
+    """
 
     def __init__(self) -> None:
         self.counts = np.zeros(NUM_BUCKETS, dtype=np.int64)
-        self.lows: dict[int, GrowingArray] = {}
+        self.data = GrowingArray(np.uint16)
+        self._segments: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # bucket, begin, end
+        self._index: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
         self._scratch: tuple[np.ndarray, ...] | None = None
+        self._gather = np.zeros(0, np.uint16)
 
     @property
     def size(self) -> int:
@@ -179,12 +187,13 @@ class BucketStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (allocated capacity of the low parts plus the counts)."""
-        return int(self.counts.nbytes + sum(a.data.nbytes for a in self.lows.values()))
+        """Bytes held (allocated low parts, counts and segment table)."""
+        table = sum(a.nbytes for seg in self._segments for a in seg)
+        return int(self.counts.nbytes + self.data.data.nbytes + table + self._gather.nbytes)
 
     def add(self, keys: np.ndarray) -> None:
         """Store (M,) int32 keys."""
-        if self._scratch is None:  # reused: fresh pages are costly, far more than the work
+        if self._scratch is None:  # reused: fresh pages cost more than the work on them
             m = _GROUP_CHUNK
             self._scratch = (
                 np.empty(m, np.int32),
@@ -203,21 +212,54 @@ class BucketStore:
             grouped, starts = group_by_bucket(buckets, lows, out=tuple(out))  # type: ignore[arg-type]
             sizes = np.diff(starts)
             self.counts += sizes
-            for b in np.flatnonzero(sizes).tolist():
-                store = self.lows.get(b)
-                if store is None:
-                    store = self.lows[b] = GrowingArray(np.uint16)
-                store.append(grouped[starts[b] : starts[b + 1]])
+            used = np.flatnonzero(sizes)
+            offset = self.data.size
+            self.data.append(grouped)
+            begin = starts[used].astype(np.int64) + offset
+            self._segments.append((used.astype(np.int32), begin, begin + sizes[used]))
+        self._index = None
 
     def low(self, bucket: int) -> np.ndarray:
-        """(n_b,) uint16 low parts stored in ``bucket`` (empty when none)."""
-        store = self.lows.get(bucket)
-        return np.zeros(0, np.uint16) if store is None else store.view()
+        """(n_b,) uint16 low parts stored in ``bucket``; valid until the next call."""
+        if self._index is None:
+            if self._segments:
+                buckets, begin, end = (np.concatenate(c) for c in zip(*self._segments, strict=True))
+            else:
+                buckets = begin = end = np.zeros(0, np.int64)
+            order = np.argsort(buckets, kind="stable")
+            buckets, begin, end = buckets[order], begin[order], end[order]
+            cuts = np.flatnonzero(np.diff(buckets)) + 1
+            self._index = {
+                int(g[0]): (b, e)
+                for g, b, e in zip(
+                    np.split(buckets, cuts), np.split(begin, cuts), np.split(end, cuts), strict=True
+                )
+                if g.size
+            }
+        found = self._index.get(bucket)
+        if found is None:
+            return np.zeros(0, np.uint16)
+        data = self.data.view()
+        begin, end = found
+        if begin.size == 1:
+            return data[begin[0] : end[0]]
+        total = int(np.sum(end - begin))
+        if self._gather.size < total:
+            self._gather = np.empty(total, np.uint16)
+        out = self._gather[:total]
+        np.concatenate(
+            [data[b:e] for b, e in zip(begin.tolist(), end.tolist(), strict=True)], out=out
+        )
+        return out
+
+    def buckets(self) -> list[int]:
+        """Non-empty buckets, ascending."""
+        return np.flatnonzero(self.counts).tolist()
 
     def keys(self) -> np.ndarray:
         """All stored keys, ascending: (M,) int32 (for the sort-based reference path)."""
         parts = []
-        for b in sorted(self.lows):
+        for b in self.buckets():
             low = np.sort(self.low(b), kind="stable")
             parts.append(((b - _OFFSET) << 16) | low.astype(np.int32))
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
