@@ -222,6 +222,7 @@ class BucketStore:
     def low(self, bucket: int) -> np.ndarray:
         """(n_b,) uint16 low parts stored in ``bucket``; valid until the next call."""
         if self._index is None:
+            self.data.trim()  # compute time: release the growth slack
             if self._segments:
                 buckets, begin, end = (np.concatenate(c) for c in zip(*self._segments, strict=True))
             else:
