@@ -47,7 +47,7 @@ __all__ = [
 
 NUM_BUCKETS = 1 << 16
 _OFFSET = 1 << 15  # bucket = (key >> 16) + _OFFSET, in 0..65535
-_GROUP_CHUNK = 1 << 21  # keys grouped per counting-sort call (the scatter stays in cache)
+_GROUP_CHUNK = 1 << 22  # keys grouped per counting-sort call (fastest of 2**20..2**23 here)
 # Buckets with fewer items than this are handled by a stable (radix) sort of their uint16 low
 # parts instead of a 65536-bin histogram; both give the same counts.
 _SMALL_BUCKET = 1 << 14
