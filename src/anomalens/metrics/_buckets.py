@@ -365,13 +365,13 @@ def _rows(parts: list[tuple[np.ndarray, ...]], n_neg: int) -> ExactRows:
     if not parts:
         empty = np.zeros(0, np.int64)
         return ExactRows(empty.astype(np.int32), empty, empty, empty, empty.astype(float), n_neg)
-    keys, pos, lt, eq, weight = (np.concatenate(col) for col in zip(*parts, strict=True))
+    keys, pos, lt, eq, weight = zip(*parts, strict=True)
     return ExactRows(
-        keys=keys.astype(np.int32),
-        pos=pos.astype(np.int64),
-        neg_lt=lt.astype(np.int64),
-        neg_eq=eq.astype(np.int64),
-        weight=weight.astype(np.float64),
+        keys=np.concatenate(keys, dtype=np.int32),
+        pos=np.concatenate(pos, dtype=np.int64),
+        neg_lt=np.concatenate(lt, dtype=np.int64),
+        neg_eq=np.concatenate(eq, dtype=np.int64),
+        weight=np.concatenate(weight, dtype=np.float64),
         n_neg=n_neg,
     )
 

@@ -619,13 +619,14 @@ class PixelMetricAccumulator:
         if self.mode == "exact" and self._engine in ("bucket", "torch"):
             r = self._exact_rows()
             n = r.n_neg
-            return RankSummary(
-                pos=np.ascontiguousarray(r.pos[::-1]),
-                neg_ge=np.ascontiguousarray((n - r.neg_lt)[::-1]),
-                neg_gt=np.ascontiguousarray((n - r.neg_lt - r.neg_eq)[::-1]),
+            neg_ge = n - r.neg_lt
+            return RankSummary(  # descending views, no copies
+                pos=r.pos[::-1],
+                neg_ge=neg_ge[::-1],
+                neg_gt=(neg_ge - r.neg_eq)[::-1],
                 n_pos=int(r.pos.sum()),
                 n_neg=n,
-                region_weight=np.ascontiguousarray(r.weight[::-1]),
+                region_weight=r.weight[::-1],
                 n_regions=self.num_regions,
             )
         if self.mode == "exact":
