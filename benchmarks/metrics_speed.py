@@ -1,30 +1,43 @@
-"""Speed and memory of the category-level pixel metrics, exact vs binned.
+"""Speed and memory of the category-level pixel metrics: product exact and binned vs peers.
 
 Feeds N synthetic anomaly maps of SIZE x SIZE (default: 1725 maps at 518 x 518, the size of
 the MVTec AD test set at the usual zero-shot resolution) in batches to
 ``PixelMetricAccumulator`` and prints, per mode, the seconds spent in ``update`` +
 ``compute`` (map generation excluded; wall and process CPU time, the latter being the
 better figure on a shared machine), the tracemalloc peak of the pass, and the largest
-absolute difference of the binned metrics from the exact ones.
+absolute difference of the binned metrics from the exact ones. Modes: ``exact`` (the
+default bucket engine), ``binned``, and ``sort`` (the former sort-based exact path, kept as
+the reference; slow where numpy's sort kernel is slow).
 
-Maps are generated on the fly from a per-batch seed, so both passes see identical data and
+Then, on a subset of ``--peer-n`` maps that fits in memory as one array, it times the peers
+that are installed: scikit-learn's ``roc_auc_score`` + ``average_precision_score``,
+torchmetrics' exact ``binary_auroc`` + ``binary_average_precision``, anomalib's ``AUPRO``,
+and the product's own exact and sort paths on the same maps (all values printed), and
+prints seconds per map and the ratio of each peer's seconds per map to the product's
+full-size exact run. The header names the CPU and the sort kernel numpy dispatches to.
+
+Maps are generated on the fly from a per-batch seed, so every pass sees identical data and
 the script never holds more than one batch of maps (only the exact accumulator's compact
 store grows). Maps: smooth low-frequency background + fine noise; ~70% of the images carry
 1-3 elliptic defects whose pixels get a raised, blob-shaped score.
 
 Usage:
-    python benchmarks/metrics_speed.py                 # full size (needs ~4 GB for exact)
-    python benchmarks/metrics_speed.py --n 64 --size 256
+    OMP_NUM_THREADS=1 python benchmarks/metrics_speed.py          # full size (~3 GB peak)
+    python benchmarks/metrics_speed.py --n 64 --size 256 --peer-n 16
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import platform
 import resource
 import time
 import tracemalloc
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -82,7 +95,10 @@ def batches(n: int, size: int, batch: int, seed: int) -> Iterator[tuple[np.ndarr
 def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
     """Feed every batch to one accumulator; time update + compute only."""
     tracemalloc.start()
-    acc = PixelMetricAccumulator(mode, num_bins=args.bins)  # type: ignore[arg-type]
+    if mode == "sort":
+        acc = PixelMetricAccumulator("exact", exact_method="sort")
+    else:
+        acc = PixelMetricAccumulator(mode, num_bins=args.bins)  # type: ignore[arg-type]
     t_update = t_gen = cpu = 0.0
     anomalous = total = 0
     t0 = time.perf_counter()
@@ -100,7 +116,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
     t1, c0 = time.perf_counter(), time.process_time()
     metrics = acc.compute()
     t_compute = time.perf_counter() - t1
-    cpu += time.process_time() - c0
+    cpu_compute = time.process_time() - c0
+    cpu += cpu_compute
     bounds = acc.error_bounds()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -108,6 +125,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
         "mode": mode,
         "seconds": t_update + t_compute,
         "cpu_s": cpu,
+        "compute_cpu_s": cpu_compute,
         "update_s": t_update,
         "compute_s": t_compute,
         "generate_s": t_gen,
@@ -120,6 +138,102 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def cpu_description() -> str:
+    """CPU model (with family / model numbers, which identify e.g. AMD Zen 4) and cores."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    name = fields.get("model name", platform.processor())
+    fam = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    return f"{name} ({fields.get('vendor_id', '?')} {fam}), {os.cpu_count()} logical cores"
+
+
+def numpy_sort_kernel() -> str:
+    """The SIMD target numpy's np.sort dispatches to, and its measured speed."""
+    core = getattr(np, "_core", None)
+    umath = getattr(core, "_multiarray_umath", None)
+    features = getattr(umath, "__cpu_features__", {})
+    dispatch = getattr(umath, "__cpu_dispatch__", [])
+    active = [t for t in dispatch if features.get(t)]
+    avx512 = [t for t in active if "AVX512" in t or t == "X86_V4"]
+    if avx512:
+        kernel = f"x86-simd-sort AVX-512 ({avx512[-1]})"
+    elif features.get("AVX2"):
+        kernel = "x86-simd-sort AVX2 (X86_V3)"
+    else:
+        kernel = "generic introsort"
+    disabled = os.environ.get("NPY_DISABLE_CPU_FEATURES")
+    if disabled:
+        kernel += f"; NPY_DISABLE_CPU_FEATURES={disabled}"
+    x = np.random.default_rng(0).random(1 << 23, dtype=np.float32)
+    c0 = time.process_time()
+    np.sort(x)
+    ns = (time.process_time() - c0) * 1e9 / x.size
+    return f"numpy {np.__version__}, np.sort -> {kernel}: {ns:.1f} ns per float32 (8 M)"
+
+
+def _timed(fn: Callable[[], dict[str, float]]) -> tuple[float, float, dict[str, float]]:
+    """Wall and process-CPU seconds of fn() and its result."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def peer_runs(maps: np.ndarray, masks: np.ndarray) -> dict[str, tuple[float, float, dict]]:
+    """Time the product and every installed peer on the same in-memory maps."""
+    from anomalens.metrics import pixel_metrics
+
+    runs: dict[str, tuple[float, float, dict]] = {}
+    runs["anomalens exact"] = _timed(lambda: pixel_metrics(maps, masks))
+    runs["anomalens sort path"] = _timed(lambda: pixel_metrics(maps, masks, exact_method="sort"))
+    if importlib.util.find_spec("sklearn"):
+        from sklearn.metrics import average_precision_score, roc_auc_score
+
+        def sk() -> dict[str, float]:
+            s, y = maps.reshape(-1), masks.reshape(-1)
+            return {"pixel_auroc": roc_auc_score(y, s), "pixel_ap": average_precision_score(y, s)}
+
+        runs["scikit-learn AUROC+AP"] = _timed(sk)
+    torch_spec = importlib.util.find_spec("torch")
+    if torch_spec and importlib.util.find_spec("torchmetrics"):
+        import torch
+        from torchmetrics.functional.classification import (
+            binary_auroc,
+            binary_average_precision,
+        )
+
+        def tm() -> dict[str, float]:
+            s, y = torch.from_numpy(maps.reshape(-1)), torch.from_numpy(masks.reshape(-1))
+            return {
+                "pixel_auroc": float(binary_auroc(s, y.long())),
+                "pixel_ap": float(binary_average_precision(s, y.long())),
+            }
+
+        runs["torchmetrics AUROC+AP"] = _timed(tm)
+    if torch_spec and importlib.util.find_spec("anomalib"):
+        import torch
+
+        # The plain torchmetrics metric behind anomalib's batch-field wrapper ``AUPRO``.
+        from anomalib.metrics.aupro import _AUPRO
+
+        def ab() -> dict[str, float]:
+            metric = _AUPRO(fpr_limit=0.3)
+            metric.update(torch.from_numpy(maps), torch.from_numpy(masks).int())
+            return {"pixel_aupro": float(metric.compute())}
+
+        runs["anomalib AUPRO"] = _timed(ab)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1725, help="number of maps (default 1725)")
@@ -128,18 +242,31 @@ def main() -> None:
     parser.add_argument("--bins", type=int, default=1 << 20, help="binned-mode bins (2**20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--modes", nargs="+", default=["binned", "exact"], choices=["binned", "exact"]
+        "--modes",
+        nargs="+",
+        default=["binned", "exact"],
+        choices=["binned", "exact", "sort"],
+        help="full-size passes (sort = the former sort-based exact path)",
+    )
+    parser.add_argument(
+        "--peer-n", type=int, default=100, help="maps in the peer comparison (0: none)"
     )
     args = parser.parse_args()
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        torch.set_num_threads(1)  # every contender on one thread
 
     pixels = args.n * args.size * args.size
+    print(f"CPU: {cpu_description()}")
+    print(f"sort kernel: {numpy_sort_kernel()}")
     print(
         f"{args.n} maps of {args.size}x{args.size} = {pixels / 1e6:.1f} M pixels, batch {args.batch}"
     )
     results = {mode: run_mode(mode, args) for mode in args.modes}
     for r in results.values():
         print(
-            f"{r['mode']:>6}: {r['seconds']:7.2f} s wall, {r['cpu_s']:.2f} s CPU (update {r['update_s']:.2f} s, compute "
+            f"{r['mode']:>6}: {r['seconds']:7.2f} s wall, {r['cpu_s']:.2f} s CPU ({r['compute_cpu_s']:.2f} in compute; wall: update {r['update_s']:.2f} s, compute "
             f"{r['compute_s']:.2f} s; generation {r['generate_s']:.2f} s not counted), store "
             f"{r['store_mb']:.0f} MiB, tracemalloc peak {r['peak_mb']:.0f} MiB"
         )
@@ -151,21 +278,58 @@ def main() -> None:
         "bins": args.bins,
         "anomalous_pixel_fraction": next(iter(results.values()))["anomalous_pixel_fraction"],
         "regions": next(iter(results.values()))["regions"],
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     for mode, r in results.items():
         row[f"{mode}_s"] = round(float(r["seconds"]), 3)  # type: ignore[arg-type]
         row[f"{mode}_cpu_s"] = round(float(r["cpu_s"]), 3)  # type: ignore[arg-type]
         row[f"{mode}_peak_mb"] = round(float(r["peak_mb"]), 1)  # type: ignore[arg-type]
-    if {"binned", "exact"} <= results.keys():
-        exact, binned = results["exact"]["metrics"], results["binned"]["metrics"]
+    exact_key = "exact" if "exact" in results else "sort" if "sort" in results else None
+    if exact_key and "binned" in results:
+        exact, binned = results[exact_key]["metrics"], results["binned"]["metrics"]
         err = max(abs(binned[k] - exact[k]) for k in exact)  # type: ignore[index]
         row["binned_max_abs_error"] = err
         print(f"binned vs exact: largest absolute error over the four metrics = {err:.2e}")
+    if {"exact", "sort"} <= results.keys():
+        a, b = results["exact"]["metrics"], results["sort"]["metrics"]
+        diff = max(abs(a[k] - b[k]) for k in a)  # type: ignore[index]
+        row["exact_vs_sort_max_abs_diff"] = diff
+        print(f"exact vs sort path: largest absolute difference = {diff:.1e}")
     if "binned" in results:
         bound = max(results["binned"]["bounds"].values())  # type: ignore[union-attr]
         row["binned_error_bound"] = bound
         print(f"binned guaranteed error bound (largest over the four metrics) = {bound:.2e}")
+
+    if args.peer_n > 0:
+        n_sub = min(args.peer_n, args.n)
+        parts = list(batches(n_sub, args.size, args.batch, args.seed))
+        maps = np.concatenate([m for m, _ in parts])
+        masks = np.concatenate([k for _, k in parts])
+        del parts
+        ref = results[exact_key]["cpu_s"] / args.n if exact_key else None  # type: ignore[operator]
+        print(
+            f"peers on the first {n_sub} maps ({maps.size / 1e6:.1f} M pixels, one array); "
+            f"ratio = peer CPU s/map over the full-size {exact_key} run's CPU s/map"
+        )
+        runs = peer_runs(maps, masks)
+        stack = ("torchmetrics AUROC+AP", "anomalib AUPRO")
+        if all(k in runs for k in stack):
+            runs["peer stack: torchmetrics + anomalib"] = (
+                sum(runs[k][0] for k in stack),
+                sum(runs[k][1] for k in stack),
+                {},
+            )
+        for name, (wall, cpu, out) in runs.items():
+            per_map = cpu / n_sub
+            ratio = f"{per_map / ref:8.1f}x" if ref else "     n/a"
+            values = ", ".join(f"{k}={float(v):.6f}" for k, v in out.items())
+            print(
+                f"  {name:<36} {wall:7.2f} s wall {cpu:7.2f} s CPU {per_map * 1e3:8.1f} ms CPU/map "
+                f"{ratio}  {values}"
+            )
+            key = "".join(c if c.isalnum() else "_" for c in name.lower())
+            row[f"peer_{key}_cpu_ms_per_map"] = round(per_map * 1e3, 2)
+        row["peer_n"] = n_sub
+    row["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(row))
 
 

@@ -117,7 +117,11 @@ def evaluate_category(
             groups.append(s.defect_type)
         if imgs:
             t = time.perf_counter()
-            sc, mp = detector.predict(imgs, groups=groups).to_numpy()
+            pred = detector.predict(imgs, groups=groups)
+            sc = pred.image_score.detach().float().cpu().numpy()
+            # Maps on a GPU stay there: the exact pixel metrics run on the device (issue 16).
+            amap = pred.anomaly_map.detach()
+            mp = amap if amap.is_cuda else amap.float().cpu().numpy()
             predict_seconds += time.perf_counter() - t
             scores.extend(sc.tolist())
             labels.extend(labs)

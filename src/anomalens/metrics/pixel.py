@@ -5,11 +5,16 @@ images included). Maps and masks arrive in batches through
 :meth:`PixelMetricAccumulator.update`, so a whole benchmark never has to be held as maps.
 
 Modes:
-    ``exact``: keeps the normal-pixel scores (in their own float dtype, at least float32,
-        never quantised) and, for the few anomalous pixels, the score and a region id.
-        ``compute`` sorts the normal scores once in place and locates every distinct
-        anomalous score in them (``searchsorted``): results are exact, ties included.
-        Memory: about 4 bytes per pixel for float32 maps.
+    ``exact``: results are exact, ties included. For float32 maps (and narrower, widened) the
+        normal-pixel scores are kept as the low 16 bits of their order-preserving int32 key,
+        grouped by the high 16 bits (2 bytes per pixel; see ``_buckets``); ``compute`` builds
+        one 65536-bin histogram per bucket that holds anomalous pixels and reads off the exact
+        number of normal pixels below and equal to every distinct anomalous score: linear
+        time, no sort of the normal pixels, so the speed does not depend on the CPU's sort
+        kernel. Maps given as torch tensors on a GPU stay there and get the same two-level
+        histogram with torch ops. Float64 maps, and ``exact_method="sort"`` (the reference),
+        keep every normal score and sort them once in place, then locate every distinct
+        anomalous score with ``searchsorted`` (about 4 or 8 bytes per pixel).
     ``binned``: keeps three histograms on a uniform grid of ``num_bins`` bins: all pixels,
         anomalous pixels, and the sum of ``1/|R_k|`` over anomalous pixels (what AUPRO
         needs, since every region is complete inside one image). Scores in one bin count as
@@ -25,11 +30,23 @@ with an :class:`~anomalens.metrics._curves.UndefinedMetricWarning`.
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from scipy import ndimage
 
+from anomalens.metrics._buckets import (
+    BucketStore,
+    ExactRows,
+    GrowingArray,
+    bucket_rows,
+    keys_to_float32,
+    order_keys,
+    remove_sorted,
+    torch_order_keys,
+    torch_rows,
+)
 from anomalens.metrics._curves import (
     RankSummary,
     UndefinedMetricWarning,
@@ -52,8 +69,16 @@ __all__ = [
     "pixel_metrics",
 ]
 
+if TYPE_CHECKING:
+    import torch
+
 Mode = Literal["exact", "binned"]
 AuproVariant = Literal["exact", "cflow200"]
+ExactMethod = Literal["bucket", "sort"]
+_Engine = Literal["bucket", "sort", "torch"]
+# Torch maps on the CPU are handed to the numpy path (faster there); tests set this to run
+# the torch path on CPU tensors.
+_TORCH_ON_CPU = False
 
 # 8-connectivity inside each image (middle plane), no connection across the batch axis.
 _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
@@ -80,17 +105,18 @@ def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _anomalous_pixels(
-    maps: np.ndarray, masks: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    maps: np.ndarray | None, masks: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Scores and region sizes of the anomalous pixels, labelling each mask on its bounding box.
 
     Args:
-        maps: (B, H, W) scores.
+        maps: (B, H, W) scores, or None to label only.
         masks: (B, H, W) bool.
 
     Returns:
-        scores (M,) of the anomalous pixels, their region index (M,) int64 in 0..n-1 (regions
-        numbered over the batch, 8-connected, never across images), and sizes (n,) int64.
+        scores (M,) of the anomalous pixels in row-major (B, H, W) order (None without
+        ``maps``), their region index (M,) int64 in 0..n-1 (regions numbered over the
+        batch, 8-connected, never across images), and sizes (n,) int64.
     """
     scores, regions, sizes = [], [], []
     n = 0
@@ -101,13 +127,17 @@ def _anomalous_pixels(
         sub = masks[i][box]
         labels, k = ndimage.label(sub, structure=_STRUCTURE[1])
         lab = labels[sub].astype(np.int64)
-        scores.append(maps[i][box][sub])
+        if maps is not None:
+            scores.append(maps[i][box][sub])
         regions.append(lab + (n - 1))
         sizes.append(np.bincount(lab, minlength=k + 1)[1:])
         n += int(k)
-    if not scores:
-        return np.zeros(0, maps.dtype), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(scores), np.concatenate(regions), np.concatenate(sizes)
+    out = None
+    if maps is not None:
+        out = np.concatenate(scores) if scores else np.zeros(0, maps.dtype)
+    if not regions:
+        return out, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return out, np.concatenate(regions), np.concatenate(sizes)
 
 
 def _sort_with_ids(values: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,6 +172,12 @@ def _sort_with_ids(values: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.
     return values[order], ids[order].astype(np.int64)
 
 
+def _is_tensor(x: object) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch when it is not loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _as_batch(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     maps = as_scores(maps, "maps", check_nan=False)  # NaN is caught by the min/max in update
     masks = as_labels(masks, "masks")
@@ -157,37 +193,6 @@ def _as_batch(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return maps, masks
 
 
-class _GrowingArray:
-    """A 1-D array that grows in place (``ndarray.resize``: realloc, no second copy)."""
-
-    def __init__(self) -> None:
-        self.data = np.empty(0, dtype=np.float32)
-        self.size = 0
-
-    def astype(self, dtype: np.dtype) -> None:
-        """Widen the stored dtype (lossless widening only happens here)."""
-        if self.data.dtype != dtype:
-            self.data = self.data[: self.size].astype(dtype)
-
-    def append(self, values: np.ndarray) -> None:
-        """Append (M,) values, widening the dtype if needed."""
-        self.astype(np.result_type(self.data.dtype, values.dtype))
-        need = self.size + values.size
-        if need > self.data.size:
-            self.data.resize(max(need, self.data.size + self.data.size // 4), refcheck=False)
-        self.data[self.size : need] = values
-        self.size = need
-
-    def trim(self) -> None:
-        """Release the spare capacity."""
-        if self.data.size != self.size:
-            self.data.resize(self.size, refcheck=False)
-
-    def view(self) -> np.ndarray:
-        """(size,) view of the stored values."""
-        return self.data[: self.size]
-
-
 class PixelMetricAccumulator:
     """Streaming category-level pixel metrics.
 
@@ -198,7 +203,8 @@ class PixelMetricAccumulator:
         >>> acc.compute()  # {"pixel_auroc": ..., "pixel_ap": ..., ...}
 
     Args:
-        mode: ``"exact"`` (sort-based, exact) or ``"binned"`` (histograms, bounded memory).
+        mode: ``"exact"`` (exact, ties included) or ``"binned"`` (histograms, bounded
+            memory).
         num_bins: grid size of the binned mode (default 2**20).
         score_range: optional ``(lo, hi)`` for the binned grid; scores outside still count
             (the grid grows). Without it the first batch's min/max is used.
@@ -206,6 +212,10 @@ class PixelMetricAccumulator:
         aupro_variant: ``"exact"`` (default) or ``"cflow200"`` (200 thresholds uniform in
             score value, FPR < limit kept and min-max rescaled; the MuSc / AnomalyCLIP /
             AdaptCLIP-CPU convention). ``cflow200`` needs ``mode="exact"``.
+        exact_method: ``"bucket"`` (default: linear-time two-level histogram of the float32
+            order keys, or its torch version for maps on a GPU) or ``"sort"`` (the former
+            sort-based path, kept as the reference). Both give identical counts; float64
+            maps always use ``"sort"``.
     """
 
     def __init__(
@@ -216,6 +226,7 @@ class PixelMetricAccumulator:
         score_range: tuple[float, float] | None = None,
         fpr_limit: float = 0.3,
         aupro_variant: AuproVariant = "exact",
+        exact_method: ExactMethod = "bucket",
     ) -> None:
         if mode not in ("exact", "binned"):
             raise ValueError(f"mode must be 'exact' or 'binned', got {mode!r}")
@@ -225,6 +236,8 @@ class PixelMetricAccumulator:
             raise ValueError(
                 "aupro_variant='cflow200' thresholds raw score values: use mode='exact'"
             )
+        if exact_method not in ("bucket", "sort"):
+            raise ValueError(f"exact_method must be 'bucket' or 'sort', got {exact_method!r}")
         if not 0.0 < fpr_limit <= 1.0:
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
         if int(num_bins) < 2:
@@ -240,6 +253,7 @@ class PixelMetricAccumulator:
         self.score_range = score_range
         self.fpr_limit = float(fpr_limit)
         self.aupro_variant: AuproVariant = aupro_variant
+        self.exact_method: ExactMethod = exact_method
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -249,10 +263,14 @@ class PixelMetricAccumulator:
         self.num_pixels = 0
         self._min: np.generic | None = None
         self._max: np.generic | None = None
-        # exact mode
-        self._neg = _GrowingArray()
+        # exact mode: the engine is fixed by the first batch (see ``_engine_for``)
+        self._engine: _Engine | None = None
+        self._neg = GrowingArray()  # "sort": normal scores
         self._neg_sorted = True
-        self._pos: list[np.ndarray] = []
+        self._buckets = BucketStore()  # "bucket": normal keys grouped by high 16 bits
+        self._neg_keys: list[torch.Tensor] = []  # "torch": normal keys on the maps' device
+        self._pos: list[Any] = []  # anomalous scores (numpy, or torch on the device)
+        self._rows_cache: tuple[int, ExactRows] | None = None
         self._pos_region: list[np.ndarray] = []
         self._region_size: list[np.ndarray] = []
         # binned mode: grid = fine index floor((x - origin) / width); bin = (fine - F) >> d
@@ -272,18 +290,34 @@ class PixelMetricAccumulator:
     @property
     def nbytes(self) -> int:
         """Bytes held by the accumulator's arrays."""
-        arrays = [self._neg.data, *self._pos, *self._pos_region, *self._region_size]
+        arrays = [self._neg.data, *self._pos_region, *self._region_size]
         arrays += [self._all_hist, self._pos_hist, self._region_hist]
-        return int(sum(a.nbytes for a in arrays))
+        tensors = [*self._neg_keys, *(self._pos if self._engine == "torch" else [])]
+        total = sum(a.nbytes for a in arrays) + sum(t.numel() * t.element_size() for t in tensors)
+        if self._engine != "torch":
+            total += sum(a.nbytes for a in self._pos)
+        return int(total + self._buckets.nbytes)
 
     # ----------------------------------------------------------------- update
-    def update(self, maps: np.ndarray, masks: np.ndarray) -> None:
+    def update(self, maps: np.ndarray | torch.Tensor, masks: np.ndarray | torch.Tensor) -> None:
         """Add a batch.
 
         Args:
-            maps: (B, H, W) or (H, W) anomaly maps, float (float16 is widened; NaN raises).
+            maps: (B, H, W) or (H, W) anomaly maps, float (float16 is widened; NaN raises). A
+                torch tensor on a GPU stays there in exact mode (float32 or narrower).
             masks: same shape, bool ground truth (numbers ``> 0`` are anomalous).
         """
+        if _is_tensor(masks):
+            masks = masks.detach().cpu().numpy()
+        if _is_tensor(maps):
+            if self._wants_torch(maps):
+                self._update_torch(maps, masks)
+                return
+            maps = maps.detach()
+            maps = (maps.float() if maps.dtype.itemsize < 4 else maps).cpu().numpy()
+        elif self._engine == "torch":
+            self._update_torch(maps, masks)
+            return
         maps, masks = _as_batch(maps, masks)
         if maps.size == 0:
             return
@@ -295,19 +329,101 @@ class PixelMetricAccumulator:
         flat = maps.reshape(-1)
         mflat = masks.reshape(-1)
         pos_scores, pos_region, sizes = _anomalous_pixels(maps, masks)
+        assert pos_scores is not None
         if self.mode == "exact":
-            self._neg.append(flat[~mflat] if pos_scores.size else flat)
-            self._neg_sorted = False
+            self._set_engine("bucket" if self._bucket_dtype(maps.dtype) else "sort")
+            if self._engine == "bucket":  # all pixels; compute subtracts the anomalous ones
+                self._buckets.add(flat.view(np.int32) if lo > 0 else order_keys(flat))
+            else:
+                self._neg.append(flat[~mflat] if pos_scores.size else flat)
+                self._neg_sorted = False
             if sizes.size:
-                ids = pos_region + self.num_regions
+                self._add_regions(pos_region, sizes)
                 self._pos.append(pos_scores)
-                self._pos_region.append(ids.astype(np.int32 if ids.max() < 2**31 else np.int64))
-                self._region_size.append(sizes)
         else:
             pos_w = 1.0 / sizes.astype(np.float64)
             self._update_binned(flat, pos_scores, pos_w[pos_region], float(lo), float(hi))
         self.num_regions += int(sizes.size)
         self.num_pixels += flat.size
+
+    def _bucket_dtype(self, dtype: np.dtype) -> bool:
+        return self.exact_method == "bucket" and dtype == np.float32
+
+    def _wants_torch(self, maps: torch.Tensor) -> bool:
+        """Exact mode keeps float32 (or narrower) tensors on their GPU."""
+        if self._engine == "torch":
+            return True
+        if self._engine is not None or self.mode != "exact" or self.exact_method != "bucket":
+            return False
+        if not maps.is_floating_point() or maps.dtype.itemsize > 4:
+            return False
+        return maps.device.type != "cpu" or _TORCH_ON_CPU
+
+    def _set_engine(self, engine: _Engine) -> None:
+        """Fix the exact engine at the first batch; a float64 batch widens "bucket" to "sort"."""
+        if self._engine is None:
+            self._engine = engine
+        elif self._engine == "bucket" and engine == "sort":
+            pos = np.sort(order_keys(np.concatenate(self._pos))) if self._pos else []
+            self._neg.append(keys_to_float32(remove_sorted(self._buckets.keys(), pos)))
+            self._buckets = BucketStore()
+            self._neg_sorted = False
+            self._engine = "sort"
+
+    def _add_regions(self, pos_region: np.ndarray, sizes: np.ndarray) -> None:
+        ids = pos_region + self.num_regions
+        self._pos_region.append(ids.astype(np.int32 if ids.max() < 2**31 else np.int64))
+        self._region_size.append(sizes)
+
+    def _update_torch(self, maps: Any, masks: np.ndarray) -> None:
+        """Exact mode for float32 tensors: keys stay on the maps' device."""
+        import torch
+
+        device = self._neg_keys[0].device if self._neg_keys else None
+        if not _is_tensor(maps):
+            arr = as_scores(maps, "maps", check_nan=False)
+            if arr.dtype != np.float32:
+                raise ValueError(
+                    f"this accumulator keeps float32 torch maps on {device}; got numpy maps of "
+                    f"dtype {arr.dtype}"
+                )
+            maps = torch.from_numpy(arr)
+        maps = maps.detach()
+        if not maps.is_floating_point() or maps.dtype.itemsize > 4:
+            raise ValueError(
+                f"this accumulator keeps float32 torch maps on {device}; got dtype {maps.dtype}"
+            )
+        maps = maps.to(device=device, dtype=torch.float32) if device else maps.float()
+        masks = as_labels(masks, "masks")
+        if maps.ndim == 2:
+            maps = maps[None]
+        if masks.ndim == 2:
+            masks = masks[None]
+        if maps.ndim != 3 or tuple(maps.shape) != masks.shape:
+            raise ValueError(
+                f"maps and masks must both be (B, H, W) of the same shape, got "
+                f"{tuple(maps.shape)} and {masks.shape}"
+            )
+        if maps.numel() == 0:
+            return
+        lo_t, hi_t = torch.aminmax(maps)
+        lo, hi = np.float32(lo_t.item()), np.float32(hi_t.item())
+        if np.isnan(lo) or np.isnan(hi):
+            raise ValueError("maps contain NaN; replace them before computing metrics")
+        self._engine = "torch"
+        self._min = lo if self._min is None else min(self._min, lo)
+        self._max = hi if self._max is None else max(self._max, hi)
+        _, pos_region, sizes = _anomalous_pixels(None, masks)
+        flat = maps.reshape(-1)
+        if sizes.size:
+            mask_t = torch.from_numpy(masks.reshape(-1)).to(maps.device)
+            self._neg_keys.append(torch_order_keys(flat[~mask_t]))
+            self._pos.append(flat[mask_t])
+            self._add_regions(pos_region, sizes)
+        else:
+            self._neg_keys.append(torch_order_keys(flat))
+        self.num_regions += int(sizes.size)
+        self.num_pixels += flat.numel()
 
     def _update_binned(
         self, flat: np.ndarray, pos_scores: np.ndarray, pos_w: np.ndarray, lo: float, hi: float
@@ -455,7 +571,7 @@ class PixelMetricAccumulator:
             self._pos = [self._pos[0].astype(dtype)]
 
     def _exact_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Sorted negatives, distinct anomalous values (asc), their counts and 1/|R| sums."""
+        """Sort engine: sorted negatives, distinct anomalous values (asc), counts, 1/|R| sums."""
         self._consolidate()
         neg = self._neg.view()
         if not self._pos:
@@ -471,8 +587,48 @@ class PixelMetricAccumulator:
         weight_sum = np.add.reduceat(weight, starts)
         return neg, values, counts, weight_sum
 
+    def _exact_rows(self) -> ExactRows:
+        """Bucket and torch engines: exact counts at every distinct anomalous score (cached)."""
+        if self._rows_cache is not None and self._rows_cache[0] == self.num_pixels:
+            return self._rows_cache[1]
+        for name in ("_pos_region", "_region_size"):
+            chunks = getattr(self, name)
+            if len(chunks) > 1:
+                setattr(self, name, [np.concatenate(chunks)])
+        inv_size = 1.0 / np.concatenate([np.zeros(0), *self._region_size])
+        region = self._pos_region[0] if self._pos_region else np.zeros(0, np.int64)
+        if self._engine == "torch":
+            import torch
+
+            device = self._neg_keys[0].device
+            pos = torch.cat(self._pos) if self._pos else torch.zeros(0, device=device)
+            self._pos = [pos] if self._pos else []
+            index = torch.from_numpy(region.astype(np.int64)).to(device)
+            weight = torch.from_numpy(inv_size).to(device)[index]
+            rows = torch_rows(self._neg_keys, torch_order_keys(pos), weight)
+        else:
+            if len(self._pos) > 1:
+                self._pos = [np.concatenate(self._pos)]
+            pos = self._pos[0] if self._pos else np.zeros(0, np.float32)
+            rows = bucket_rows(self._buckets, order_keys(pos), inv_size[region])
+        self._rows_cache = (self.num_pixels, rows)
+        return rows
+
     def summary(self) -> RankSummary:
         """Tie-aware rank summary of everything seen so far (see ``_curves.RankSummary``)."""
+        if self.mode == "exact" and self._engine in ("bucket", "torch"):
+            r = self._exact_rows()
+            n = r.n_neg
+            neg_ge = n - r.neg_lt
+            return RankSummary(  # descending views, no copies
+                pos=r.pos[::-1],
+                neg_ge=neg_ge[::-1],
+                neg_gt=(neg_ge - r.neg_eq)[::-1],
+                n_pos=int(r.pos.sum()),
+                n_neg=n,
+                region_weight=r.weight[::-1],
+                n_regions=self.num_regions,
+            )
         if self.mode == "exact":
             neg, values, counts, weight_sum = self._exact_parts()
             return summary_from_sorted(neg, values, counts, weight_sum, self.num_regions)
@@ -485,6 +641,28 @@ class PixelMetricAccumulator:
             self._all_hist - self._pos_hist, self._pos_hist, self._region_hist, self.num_regions
         )
 
+    def _negatives_le(self, thresholds: np.ndarray) -> tuple[np.ndarray, int]:
+        """Normal pixels ``<=`` each of (T,) ascending ``thresholds``: (T,) int64, and N."""
+        if self._engine == "bucket":  # all pixels minus the anomalous ones
+            keys = order_keys(thresholds.astype(np.float32))
+            rows = self._exact_rows()
+            pos_le = np.concatenate(([0], np.cumsum(rows.pos)))
+            pos_le = pos_le[np.searchsorted(rows.keys, keys, side="right")]
+            return self._buckets.count_le(keys) - pos_le, rows.n_neg
+        if self._engine == "torch":
+            import torch
+
+            device = self._neg_keys[0].device
+            keys = torch.from_numpy(order_keys(thresholds.astype(np.float32))).to(device)
+            hist = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=device)
+            for k in self._neg_keys:  # k <= t_i  iff  i >= #(thresholds below k)
+                hist += torch.bincount(torch.searchsorted(keys, k), minlength=keys.numel() + 1)
+            le = torch.cumsum(hist, 0)[:-1].cpu().numpy()
+            return le, int(hist.sum())
+        self._consolidate()
+        neg = self._neg.view()
+        return np.searchsorted(neg, thresholds, side="right"), neg.size
+
     def error_bounds(self) -> dict[str, float]:
         """Guaranteed bounds on |binned - exact| per pixel metric (zeros in exact mode).
 
@@ -496,17 +674,23 @@ class PixelMetricAccumulator:
         return binning_error_bounds(self.summary(), self.fpr_limit)
 
     def _aupro_cflow200(self, steps: int = 200) -> float:
-        neg, values, _, weight_sum = self._exact_parts()
+        if self._engine in ("bucket", "torch"):
+            rows = self._exact_rows()
+            values, weight_sum, n_neg = keys_to_float32(rows.keys), rows.weight, rows.n_neg
+        else:
+            neg, values, _, weight_sum = self._exact_parts()
+            n_neg = neg.size
         if self.num_regions == 0:
             return undefined("pixel AUPRO (cflow200)", "no anomalous region in the masks")
-        if neg.size == 0:
+        if n_neg == 0:
             return undefined("pixel AUPRO (cflow200)", "no normal pixel")
         lo, hi = self._min, self._max
         delta = (hi - lo) / steps
         if not delta > 0:
             return undefined("pixel AUPRO (cflow200)", "all map values are equal")
         thresholds = np.arange(lo, hi, delta)
-        fpr = (neg.size - np.searchsorted(neg, thresholds, side="right")) / neg.size
+        neg_le, n_neg = self._negatives_le(thresholds)
+        fpr = (n_neg - neg_le) / n_neg
         weight_above = np.append(np.cumsum(weight_sum[::-1])[::-1], 0.0)
         pro = weight_above[np.searchsorted(values, thresholds, side="right")] / self.num_regions
         keep = fpr < self.fpr_limit

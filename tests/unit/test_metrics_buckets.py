@@ -1,0 +1,228 @@
+"""Exact pixel metrics by two-level histogram (bucket engine, torch engine) vs the sort path."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from anomalens.metrics import PixelMetricAccumulator, UndefinedMetricWarning, _buckets, pixel
+from anomalens.metrics._buckets import group_by_bucket, keys_to_float32, order_keys
+
+KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+Batches = list[tuple[np.ndarray, np.ndarray]]
+
+
+def _maps(rng: np.random.Generator, n: int, size: int, levels: int | None = None) -> Batches:
+    """Seeded maps with blob defects (some images normal), split into uneven batches."""
+    yy, xx = np.mgrid[:size, :size]
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i in range(1, n):
+        if rng.random() < 0.3:
+            continue
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx = rng.uniform(0, size, 2)
+            ry, rx = rng.uniform(1.0, size / 4, 2)
+            masks[i] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    maps = (rng.normal(size=masks.shape) + 1.5 * masks).astype(np.float32)
+    if levels is not None:  # heavy ties: `levels` distinct values
+        lo, hi = maps.min(), maps.max()
+        maps = (np.round((maps - lo) / (hi - lo) * (levels - 1)) / (levels - 1)).astype(np.float32)
+    cuts = [0, 1, n // 2, n]
+    return [(maps[a:b], masks[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+def _run(batches: Batches, **kwargs: object) -> tuple[PixelMetricAccumulator, dict[str, float]]:
+    acc = PixelMetricAccumulator("exact", **kwargs)  # type: ignore[arg-type]
+    for maps, masks in batches:
+        acc.update(maps, masks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        return acc, acc.compute()
+
+
+def _assert_equal(got: PixelMetricAccumulator, ref: PixelMetricAccumulator) -> None:
+    """Identical integer counts; metrics to 1e-12 (AUROC, AP, F1) and 1e-9 (AUPRO)."""
+    a, b = got.summary(), ref.summary()
+    for field in ("pos", "neg_ge", "neg_gt"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    assert (a.n_pos, a.n_neg, a.n_regions) == (b.n_pos, b.n_neg, b.n_regions)
+    np.testing.assert_allclose(a.region_weight, b.region_weight, rtol=1e-12, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        x, y = got.compute(), ref.compute()
+    for key in KEYS:
+        tol = 1e-9 if key == "pixel_aupro" else 1e-12
+        if np.isnan(y[key]):
+            assert np.isnan(x[key]), key
+        else:
+            assert abs(x[key] - y[key]) <= tol, (key, x[key], y[key])
+
+
+def _cases() -> dict[str, Batches]:
+    rng = np.random.default_rng(16)
+    cases = {
+        "seeded": _maps(rng, 6, 24),
+        "ties_256": _maps(rng, 6, 24, levels=256),
+        "ties_3": _maps(rng, 5, 16, levels=3),
+    }
+    base = _maps(rng, 5, 20)
+    cases["constant"] = [(np.full_like(m, 0.25), k) for m, k in base]
+    normal = [(m, np.zeros_like(k)) for m, k in base]
+    cases["all_normal"] = normal
+    cases["all_anomalous_batch"] = [*normal[:1], (base[1][0], np.ones_like(base[1][1])), *base[2:]]
+    cases["all_anomalous"] = [(m, np.ones_like(k)) for m, k in base]
+    signed = [(m.copy(), k) for m, k in _maps(rng, 5, 16, levels=9)]
+    signed[0][0][0, :3] = -0.0  # both zeros, negatives, infinities and a subnormal
+    signed[1][0][:, 0, :4] = np.array([0.0, -np.inf, np.inf, 1e-45], np.float32)
+    signed[-1][0][-1, -1, -1] = -np.float32(3.5)
+    cases["signed_inf"] = [(m - np.float32(0.5), k) for m, k in signed]
+    wide = _maps(rng, 4, 20)  # scores over many orders of magnitude: many buckets
+    cases["wide_range"] = [(np.exp(8 * m).astype(np.float32), k) for m, k in wide]
+    return cases
+
+
+CASES = _cases()
+
+
+# ------------------------------------------------------------------------------- keys
+def test_order_keys_keep_order_and_equality() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.normal(scale=3.0, size=5000).astype(np.float32),
+            np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32),
+            np.round(rng.normal(size=500), 1).astype(np.float32),
+        ]
+    )
+    keys = order_keys(x)
+    assert keys.dtype == np.int32
+    order = np.argsort(x, kind="stable")
+    assert np.all(np.diff(keys[order].astype(np.int64)) >= 0)
+    xs, ks = x[order], keys[order]
+    np.testing.assert_array_equal(xs[1:] == xs[:-1], ks[1:] == ks[:-1])
+    assert order_keys(np.array([-0.0, 0.0], np.float32)).tolist() == [0, 0]
+    back = keys_to_float32(keys)
+    np.testing.assert_array_equal(back, x)  # -0.0 == 0.0 for numpy's comparison
+    assert not np.signbit(keys_to_float32(order_keys(np.array([-0.0], np.float32)))).any()
+
+
+def test_group_by_bucket_is_a_stable_counting_sort() -> None:
+    rng = np.random.default_rng(1)
+    buckets = rng.integers(0, 50, size=10_000).astype(np.int32)
+    payload = rng.integers(0, 3, size=10_000).astype(np.uint16)  # zeros must survive
+    grouped, starts = group_by_bucket(buckets, payload, 50)
+    order = np.argsort(buckets, kind="stable")
+    np.testing.assert_array_equal(grouped, payload[order])
+    np.testing.assert_array_equal(starts, np.concatenate(([0], np.cumsum(np.bincount(buckets)))))
+    empty, starts = group_by_bucket(buckets[:0], payload[:0], 50)
+    assert empty.size == 0 and starts.shape == (51,) and not starts.any()
+
+
+# ----------------------------------------------------------------------- bucket engine
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("small_bucket", [0, 1 << 30])
+def test_bucket_engine_equals_sort_path(
+    name: str, small_bucket: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both per-bucket strategies (65536-bin histogram, radix sort) give the reference counts."""
+    monkeypatch.setattr(_buckets, "_SMALL_BUCKET", small_bucket)
+    got, _ = _run(CASES[name])
+    ref, _ = _run(CASES[name], exact_method="sort")
+    assert got._engine == "bucket" and ref._engine == "sort"
+    _assert_equal(got, ref)
+
+
+def test_bucket_engine_large_maps_and_chunked_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buckets with tens of thousands of pixels, grouped over several counting-sort chunks."""
+    monkeypatch.setattr(_buckets, "_GROUP_CHUNK", 10_000)
+    rng = np.random.default_rng(3)
+    batches = [
+        ((0.5 + 0.01 * m / 8).astype(np.float32), k) for m, k in _maps(rng, 6, 96, levels=4000)
+    ]
+    got, _ = _run(batches)
+    ref, _ = _run(batches, exact_method="sort")
+    assert got._buckets.counts.max() > 30_000
+    _assert_equal(got, ref)
+    assert got._buckets.data.view().nbytes == 2 * got._buckets.size == 2 * got.num_pixels
+
+
+def test_compute_is_repeatable_and_streams_on() -> None:
+    batches = CASES["ties_256"]
+    acc, first = _run(batches[:2])
+    again, _ = _run(batches[:2])
+    assert acc.compute() == first == again.compute()
+    acc.update(*batches[2])
+    ref, _ = _run(batches, exact_method="sort")
+    _assert_equal(acc, ref)
+
+
+def test_float64_batch_widens_bucket_store_to_sort() -> None:
+    batches = CASES["seeded"]
+    mixed = [batches[0], (batches[1][0].astype(np.float64) + 1e-9, batches[1][1]), batches[2]]
+    acc, _ = _run(mixed)
+    ref, _ = _run(mixed, exact_method="sort")
+    assert acc._engine == "sort"
+    _assert_equal(acc, ref)
+
+
+@pytest.mark.parametrize("name", ["seeded", "ties_256", "wide_range"])
+def test_cflow200_bucket_equals_sort(name: str) -> None:
+    _, got = _run(CASES[name], aupro_variant="cflow200")
+    _, ref = _run(CASES[name], aupro_variant="cflow200", exact_method="sort")
+    assert got["pixel_aupro"] == pytest.approx(ref["pixel_aupro"], abs=1e-12)
+
+
+def test_exact_method_is_validated() -> None:
+    with pytest.raises(ValueError, match="exact_method"):
+        PixelMetricAccumulator("exact", exact_method="radix")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------ torch engine
+@pytest.mark.parametrize("name", ["seeded", "ties_256", "constant", "all_anomalous_batch"])
+def test_torch_engine_on_cpu_tensors_equals_numpy(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The torch path (run on CPU tensors here) gives the numpy path's counts and metrics."""
+    monkeypatch.setattr(pixel, "_TORCH_ON_CPU", True)
+    monkeypatch.setattr(_buckets, "_TORCH_BINS_CPU", 2 * _buckets.NUM_BUCKETS)  # several passes
+    batches = CASES[name]
+    tensors = [(torch.from_numpy(m), torch.from_numpy(k)) for m, k in batches]
+    got, _ = _run(tensors)
+    ref, _ = _run(batches)
+    assert got._engine == "torch"
+    _assert_equal(got, ref)
+    _, got_cflow = _run(tensors, aupro_variant="cflow200")
+    _, ref_cflow = _run(batches, aupro_variant="cflow200")
+    assert got_cflow["pixel_aupro"] == pytest.approx(
+        ref_cflow["pixel_aupro"], abs=1e-12, nan_ok=True
+    )
+
+
+def test_torch_engine_accepts_numpy_batches_and_rejects_float64(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pixel, "_TORCH_ON_CPU", True)
+    (m0, k0), (m1, k1), *_ = CASES["signed_inf"]
+    acc = PixelMetricAccumulator("exact")
+    acc.update(torch.from_numpy(m0).half().float(), k0)
+    acc.update(m1, k1)  # numpy float32 joins the tensors on their device
+    ref = PixelMetricAccumulator("exact")
+    ref.update(torch.from_numpy(m0).half().float().numpy(), k0)
+    ref.update(m1, k1)
+    _assert_equal(acc, ref)
+    with pytest.raises(ValueError, match="float32 torch maps"):
+        acc.update(m1.astype(np.float64), k1)
+
+
+def test_cpu_tensors_use_the_numpy_path_by_default() -> None:
+    maps, masks = CASES["seeded"][1]
+    acc = PixelMetricAccumulator("exact")
+    acc.update(torch.from_numpy(maps), masks)
+    assert acc._engine == "bucket"
+    binned = PixelMetricAccumulator("binned")
+    binned.update(torch.from_numpy(maps).bfloat16(), torch.from_numpy(masks))
+    assert binned.num_pixels == maps.size
