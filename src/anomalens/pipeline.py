@@ -583,9 +583,9 @@ def run_predict(
     """Fit on the normal images, score every image, write all outputs into ``out_dir``.
 
     Outputs: ``results.csv``, ``results.jsonl``, ``errors.csv``, ``run.json``, ``report.html``
-    (the review page), ``overlays/*.png`` (and ``overlays/colorbar.png``), ``masks/*.png``, the
-    page's layers ``review/*.png`` and the anomaly maps ``maps/*.npy`` that let a changed
-    threshold re-judge without scoring.
+    (the review page, see docs/review.md), ``overlays/*.png``, ``masks/*.png``, the page's
+    layers and colour bar ``review/*.png``, and the anomaly maps ``maps/*.npy`` that let a
+    changed threshold re-judge without scoring.
 
     Args:
         make_detector: builds a fresh detector with the run's settings (also used for
@@ -717,7 +717,7 @@ def _write_outputs(
     meta = {**meta, "finished": _now()}
     colorbar = ""
     if thr.vis_range is not None and any(r.get("overlay") for r in rows):
-        colorbar = "overlays/colorbar.png"
+        colorbar = "review/colorbar.png"
         atomic_save_png(
             out / colorbar,
             colorbar_rgb(thr.vis_range, {"pixel threshold": thr.pixel_threshold}),

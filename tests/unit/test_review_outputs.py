@@ -246,4 +246,4 @@ def test_report_links_are_relative_and_percent_encoded(tmp_path):
     assert item["image"] == "../in/a%20%231%20100%25.png"
     assert item["overlay"].startswith("overlays/") and item["heat"].startswith("review/")
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)  # nothing from outside
-    assert (out / "overlays" / "colorbar.png").is_file()
+    assert (out / "review" / "colorbar.png").is_file()
