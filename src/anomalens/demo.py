@@ -26,9 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKBONE = "mobilenet_v2"
 
 
-def pick_demo_weights(
-    weights: str | None, backbone: str | None = None
-) -> tuple[str, str, str]:
+def pick_demo_weights(weights: str | None, backbone: str | None = None) -> tuple[str, str, str]:
     """Choose (backbone preset, weights, human-readable origin) for the demo.
 
     Args:

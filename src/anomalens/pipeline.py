@@ -440,6 +440,8 @@ def _judge_and_write(
         "heat_layer": targets.get("heat_layer", ""),
         "region_layer": targets.get("region_layer", ""),
         "view": view,
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
     }
 
 

@@ -50,8 +50,9 @@ __all__ = [
 
 #: The result images that can be written for a scored image: ``overlay`` (image + translucent
 #: heat + outline of the mask), ``mask`` (binary), ``heatmap`` (opaque colours), and the review
-#: page's layers ``heat_layer`` (RGBA, opacity growing with the value) and ``region_layer``
-#: (RGBA outline of the region above the pixel threshold, whatever the decision).
+#: page's layers ``heat_layer`` (RGBA, opacity growing with the value, at the detector's working
+#: size S x S: the page stretches it over the image) and ``region_layer`` (RGBA outline of the
+#: region above the pixel threshold, whatever the decision, at the image's size).
 RESULT_IMAGE_KINDS = ("overlay", "mask", "heatmap", "heat_layer", "region_layer")
 
 
@@ -68,6 +69,8 @@ class JudgedImage:
         region: (H, W) bool map above the pixel threshold, whatever the decision.
         normalized_score: score in [0, 1] with the threshold at 0.5, or None (see
             :func:`normalized_score`).
+        working_map: (S, S) the map as the detector gave it (the review page's heat layer is
+            drawn at this size and scaled by the browser: a fraction of the image's pixels).
     """
 
     score: float
@@ -76,6 +79,7 @@ class JudgedImage:
     mask: np.ndarray
     region: np.ndarray
     normalized_score: float | None = None
+    working_map: np.ndarray | None = None
 
 
 def score_scale(thr: Threshold) -> tuple[float, float] | None:
@@ -129,7 +133,13 @@ def judge_image(
     region = full > thr.pixel_threshold
     mask = region if decision == "anomalous" else np.zeros_like(region)
     return JudgedImage(
-        float(score), decision, full, mask, region, normalized_score(float(score), thr)
+        float(score),
+        decision,
+        full,
+        mask,
+        region,
+        normalized_score(float(score), thr),
+        np.asarray(anomaly_map, dtype=np.float32),
     )
 
 
@@ -160,7 +170,8 @@ def write_result_images(
         elif kind == "mask":
             pixels = judged.mask
         elif kind == "heat_layer":
-            pixels = heat_rgba(normalize_map(judged.anomaly_map, thr.vis_range))
+            small = judged.working_map if judged.working_map is not None else judged.anomaly_map
+            pixels = heat_rgba(normalize_map(small, thr.vis_range))
         elif kind == "region_layer":
             pixels = outline_rgba(judged.region)
         else:

@@ -115,3 +115,12 @@ def test_benchmark_writes_scores_plots_and_threshold_metrics(
     assert (
         run_benchmark(cfg, progress=False) == json.loads((out / "results.json").read_text())["runs"]
     )
+
+
+def test_batch_methods_are_judged_by_the_batch_robust_rule_on_the_test_scores() -> None:
+    scores = [1.0, 1.1, 0.9, 1.05, 0.95, 5.0]
+    rows = _rows(scores, [0, 0, 0, 0, 0, 1], ["good"] * 5 + ["hole"])
+    m = threshold_metrics(rows, None, "batch")
+    assert m["threshold_method"] == "batch-robust" and m["threshold_note"] == ""
+    assert 1.1 < m["threshold"] < 5.0
+    assert m["thr_recall"] == 1.0 and m["thr_false_alarm_rate"] == 0.0

@@ -247,3 +247,19 @@ def test_report_links_are_relative_and_percent_encoded(tmp_path):
     assert item["overlay"].startswith("overlays/") and item["heat"].startswith("review/")
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)  # nothing from outside
     assert (out / "review" / "colorbar.png").is_file()
+
+
+def test_an_image_a_browser_cannot_show_gets_a_png_copy_for_the_page(tmp_path):
+    base = np.full((32, 40, 3), 120, np.uint8)
+    normal = [_write(tmp_path / "n", f"{i}.png", base) for i in range(2)]
+    tif = tmp_path / "in" / "part.tif"
+    tif.parent.mkdir()
+    Image.fromarray(base).save(tif)
+    out = tmp_path / "out"
+    run_predict(lambda: create_detector("toy"), [tif], out, normal_paths=normal, progress=False)
+    row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert row["view"] == "review/part_image.png"
+    assert (np.asarray(Image.open(out / row["view"])) == base).all()
+    page = (out / "report.html").read_text()
+    data = json.loads(page.split('id="data">')[1].split("</script>")[0])
+    assert data["items"][0]["image"] == "review/part_image.png"

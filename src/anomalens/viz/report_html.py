@@ -92,6 +92,8 @@ def render_report(
                 "heat": href(str(r.get("heat_layer", ""))),
                 "region": href(str(r.get("region_layer", ""))),
                 "mask": href(str(r.get("mask", ""))),
+                "w": int(r.get("width") or 1),
+                "h": int(r.get("height") or 1),
             }
         )
     data = {
@@ -196,8 +198,10 @@ header,section{padding:.4em 1.2em}h1{font-size:1.3em;margin:.4em 0}h2{font-size:
 .card{border:2px solid #ccc;border-radius:6px;padding:4px;background:#fff;cursor:pointer;font-size:.8em}
 .card.anomalous{border-color:#c0392b}.card.normal{border-color:#27ae60}
 .card.changed{outline:3px dashed #e67e22}
-.thumb{position:relative;width:100%;aspect-ratio:1;background:#222;overflow:hidden}
-.thumb img{position:absolute;inset:0;width:100%;height:100%;object-fit:contain}
+.thumb{width:100%;aspect-ratio:1;background:#222;overflow:hidden;display:flex;
+ align-items:center;justify-content:center}
+.fit{position:relative;max-width:100%;max-height:100%}
+.fit img{position:absolute;inset:0;width:100%;height:100%}
 .name{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .verdict{font-weight:bold}.anomalous .verdict{color:#c0392b}.normal .verdict{color:#27ae60}
 table.kv{border-collapse:collapse;font-size:.85em}
@@ -262,7 +266,11 @@ function card(it, idx) {
   const d = decide(it), c = document.createElement("div");
   c.className = "card " + d + (d !== it.decision ? " changed" : "");
   c.dataset.decision = d; c.dataset.index = idx; c.title = it.path;
-  const t = document.createElement("div"); t.className = "thumb";
+  const box = document.createElement("div"); box.className = "thumb";
+  const t = document.createElement("div"); t.className = "fit"; box.appendChild(t);
+  // the layers share the image's aspect ratio (the heat layer is stored at the map's size)
+  t.style.aspectRatio = it.w + " / " + it.h;
+  t.style[it.w >= it.h ? "width" : "height"] = "100%";
   const base = layerImg(it.image || it.overlay, "t-image");
   if (it.overlay) base.onerror = () => { if (base.src.indexOf(it.overlay) < 0) base.src = it.overlay; };
   t.appendChild(base);
@@ -270,7 +278,7 @@ function card(it, idx) {
   if (it.region && d === "anomalous") {
     const r = layerImg(it.region, "t-region"); r.hidden = !$("outline").checked; t.appendChild(r);
   }
-  c.appendChild(t);
+  c.appendChild(box);
   const n = document.createElement("div"); n.className = "name"; n.textContent = it.name; c.appendChild(n);
   const s = document.createElement("div");
   s.textContent = "score " + fmt(it.score) + " · normalised " + fmt(norm(it));
