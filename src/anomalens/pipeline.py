@@ -190,6 +190,9 @@ def _run_meta(
     from anomalens import __version__
 
     argv = [str(a) for a in (sys.argv if command is None else command)]
+    main = Path(argv[0]) if argv else Path()
+    if command is None and main.name == "__main__.py" and main.parent.name == "anomalens":
+        argv[:1] = ["python", "-m", "anomalens"]  # what the user typed for ``python -m``
     return {
         "anomalens_version": __version__,
         "started": _now(),

@@ -79,3 +79,17 @@ def test_overlay_keeps_the_texture_where_the_map_is_low_and_outlines_the_mask():
     layer = heat_rgba(np.array([[0.0, 0.5, 1.0]]), max_alpha=1.0)
     assert layer[0, :, 3].tolist() == [0, 128, 255]
     assert not outline_rgba(np.zeros((5, 5), bool))[..., 3].any()
+
+
+def test_review_page_escapes_names_and_embeds_no_script_breakout():
+    from anomalens.viz.report_html import render_report
+
+    evil = "a</script><script>alert(1)</script>.png"
+    page = render_report(
+        [{"path": evil, "name": evil, "score": 1.0, "decision": "anomalous", "image": evil}],
+        title="<b>t</b>",
+        settings=[("method", "<i>x</i>")],
+        threshold=0.5,
+    )
+    assert "alert(1)</script>" not in page and "<b>t</b>" not in page and "<i>x</i>" not in page
+    assert page.count("<script") == 2  # the data block and the page's own script
