@@ -471,8 +471,11 @@ def _rejudge(
         if name is None:
             continue
         if not need_images:
+            # result images of the earlier judgement would be stale: no longer referenced
+            stale = dict.fromkeys(("overlay", "mask", "heat_layer", "region_layer", "view"), "")
             kept[key] = {
                 **row,
+                **stale,
                 "decision": thr.decide(float(row["score"])),
                 "threshold": thr.value,
                 "normalized_score": normalized_score(float(row["score"]), thr),

@@ -263,3 +263,29 @@ def test_an_image_a_browser_cannot_show_gets_a_png_copy_for_the_page(tmp_path):
     page = (out / "report.html").read_text()
     data = json.loads(page.split('id="data">')[1].split("</script>")[0])
     assert data["items"][0]["image"] == "review/part_image.png"
+
+
+def test_a_rejudged_run_without_result_images_drops_the_stale_links(folders, tmp_path):
+    normal, images = folders
+    out = tmp_path / "out"
+    run_predict(
+        lambda: create_detector("toy"),
+        images,
+        out,
+        normal_paths=normal,
+        threshold=ThresholdSpec(fixed=0.4),
+        progress=False,
+    )
+    counting = _Counting()
+    s = run_predict(
+        counting,
+        images,
+        out,
+        normal_paths=normal,
+        threshold=ThresholdSpec(fixed=0.1),
+        save_overlays=False,
+        save_masks=False,
+        progress=False,
+    )
+    assert counting.scored == 0 and s.num_anomalous == 2
+    assert all(r["overlay"] == "" and r["mask"] == "" for r in s.rows)
