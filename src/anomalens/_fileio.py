@@ -1,4 +1,8 @@
-"""Atomic file writes: a result file is either complete or absent, never half written."""
+"""Atomic file writes: a result file is either complete or absent, never half written.
+
+Files get the permissions an ordinary ``open(path, "w")`` would give them (0666 less the
+process's umask), not the 0600 of the temporary file they are written through.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +38,20 @@ def current_umask() -> int:
     return mask
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting, then restore at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``.
 
@@ -45,6 +63,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600; give the user's usual permissions
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~current_umask())

@@ -2,7 +2,10 @@
 
 ``run_predict`` is what ``anomalens predict`` calls. It is resumable: results are appended to
 ``results.jsonl`` batch by batch, and a rerun with the same settings skips the images already
-scored. Unreadable images are reported in ``errors.csv`` and skipped; the rest goes on.
+scored. The threshold is not part of those settings: a rerun that changes only the threshold
+re-judges the stored scores and redraws overlays and masks from the stored anomaly maps
+(``maps/*.npy``) without scoring any image again. Unreadable images are reported in
+``errors.csv`` and skipped; the rest goes on.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import io
 import json
 import logging
 import os
+import platform
+import shlex
 import stat
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +33,14 @@ from tqdm.auto import tqdm
 
 from anomalens._fileio import (
     _json_default,
+    atomic_save_png,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
 )
 from anomalens.data.io import ImageReadError, load_image
 from anomalens.detectors.base import Detector
-from anomalens.results import judge_image, write_result_images
+from anomalens.results import judge_image, normalized_score, score_scale, write_result_images
 from anomalens.thresholds import (
     Threshold,
     batch_robust_threshold,
@@ -40,6 +48,7 @@ from anomalens.thresholds import (
     calibrate_on_normals,
     fixed_threshold,
 )
+from anomalens.viz.overlay import colorbar_rgb
 from anomalens.viz.report_html import render_report
 
 __all__ = [
@@ -59,7 +68,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-RESULT_FIELDS = ("path", "score", "decision", "threshold", "overlay", "mask", "seconds")
+RESULT_FIELDS = (
+    "path",
+    "score",
+    "normalized_score",
+    "decision",
+    "threshold",
+    "overlay",
+    "mask",
+    "seconds",
+)
+#: Suffixes a browser shows; other images (TIFF) get a PNG copy for the review page.
+_WEB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 
 @dataclass
@@ -143,14 +163,55 @@ def file_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _settings_key(detector: Detector, threshold: Threshold, images: Sequence[Path]) -> dict:
-    """What must be equal for a rerun to resume: the detector, the threshold and the image list."""
+def _settings_key(detector: Detector, images: Sequence[Path]) -> dict:
+    """What must be equal for a rerun to reuse scores: the detector and the image list.
+
+    The threshold is left out on purpose: a changed threshold re-judges the stored scores
+    (see :func:`_rejudge`) instead of scoring again.
+    """
     listing = "\n".join(sorted(display_path(p) for p in images)).encode()
     return {
         "detector": detector.config(),
-        "threshold": threshold.to_dict(),
         "num_images": len(images),
         "images_sha1": hashlib.sha1(listing).hexdigest(),
+    }
+
+
+def _input_checksum(paths: Sequence[Path]) -> str:
+    """sha256 of the sorted input list (one path per line), to tell two runs' inputs apart."""
+    listing = "\n".join(sorted(display_path(p) for p in paths)).encode()
+    return hashlib.sha256(listing).hexdigest()
+
+
+def _now() -> str:
+    """UTC time as ISO 8601 with seconds (``2026-12-03T21:05:09Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _run_meta(
+    image_paths: Sequence[Path], normal_paths: Sequence[Path], command: Sequence[str] | None
+) -> dict[str, Any]:
+    """What run.json records about the run itself: version, time, command line, host, inputs."""
+    from anomalens import __version__
+
+    argv = [str(a) for a in (sys.argv if command is None else command)]
+    main = Path(argv[0]) if argv else Path()
+    if command is None and main.name == "__main__.py" and main.parent.name == "anomalens":
+        argv[:1] = ["python", "-m", "anomalens"]  # what the user typed for ``python -m``
+    return {
+        "anomalens_version": __version__,
+        "started": _now(),
+        "finished": None,
+        "command": shlex.join(argv),
+        "argv": argv,
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "inputs": {
+            "num_images": len(image_paths),
+            "images_sha256": _input_checksum(image_paths),
+            "num_normal_images": len(normal_paths),
+            "normal_images_sha256": _input_checksum(normal_paths),
+        },
     }
 
 
@@ -289,15 +350,33 @@ def _score_whole_batch(
     per = (time.perf_counter() - tb) / len(loaded)
     if thr is None:
         thr = batch_robust_threshold(scores, maps)
+        # the normalised score needs the range of the scores taken as normal: the batch's
+        # scores at or below the threshold
+        inliers = scores[scores <= thr.value]
+        if inliers.size:
+            thr.details.setdefault("normal_score_min", float(inliers.min()))
+            thr.details.setdefault("normal_score_max", float(inliers.max()))
     pre = {display_path(p): (float(s), m, per) for (p, _), s, m in zip(loaded, scores, maps)}
     return pre, thr
 
 
-def _resume(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, dict[str, Any]]:
-    """Rows already written by an earlier run with the same settings (key: path)."""
+def _resume(
+    out: Path,
+    settings: dict[str, Any],
+    thr: Threshold,
+    resume: bool,
+    meta: dict[str, Any],
+    rejudge: Callable[[dict[str, dict[str, Any]]], dict[str, dict[str, Any]]],
+) -> dict[str, dict[str, Any]]:
+    """Rows already written by an earlier run with the same settings (key: path).
+
+    When the earlier run used another threshold, its rows go through ``rejudge`` (new
+    decisions, overlays and masks from the stored scores and maps) before they are reused.
+    """
     jsonl = out / "results.jsonl"
     run_json = out / "run.json"
     done: dict[str, dict[str, Any]] = {}
+    prev: dict[str, Any] = {}
     if resume and jsonl.exists() and run_json.exists():
         prev = json.loads(run_json.read_text())
         if prev.get("settings") == json.loads(json.dumps(settings, default=_json_default)):
@@ -310,13 +389,125 @@ def _resume(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, dict
             log.info("resuming: %d images already scored", len(done))
         else:
             log.warning("%s holds results made with other settings; they are recomputed", out)
+    new_thr = json.loads(json.dumps(thr.to_dict(), default=_json_default))
+    if done and prev.get("threshold") != new_thr:
+        log.info("threshold changed: re-judging %d stored scores without re-scoring", len(done))
+        done = rejudge(done)
     if done:
         # rewrite the whole rows only, so a torn line is not glued to the next appended row
         atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in done.values()))
     elif jsonl.exists():
         jsonl.unlink()
-    atomic_write_json(run_json, {"settings": settings, "status": "running"})
+    atomic_write_json(
+        run_json, {**meta, "settings": settings, "threshold": thr.to_dict(), "status": "running"}
+    )
     return done
+
+
+def _save_map(path: Path, anomaly_map: np.ndarray) -> None:
+    """Store a (S, S) anomaly map as float32 ``.npy`` (atomically) for later re-judging."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(anomaly_map, dtype=np.float32), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _judge_and_write(
+    out: Path,
+    path: Path,
+    name: str,
+    image: np.ndarray,
+    score: float,
+    anomaly_map: np.ndarray,
+    thr: Threshold,
+    *,
+    save_overlays: bool,
+    save_masks: bool,
+) -> dict[str, Any]:
+    """Judge one scored image, write its result images and return its row (no ``seconds``)."""
+    judged = judge_image(image, anomaly_map, float(score), thr)
+    targets: dict[str, str] = {}
+    if save_overlays:
+        targets["overlay"] = f"overlays/{name}_overlay.png"
+        targets["heat_layer"] = f"review/{name}_heat.png"
+        targets["region_layer"] = f"review/{name}_region.png"
+    if save_masks:
+        targets["mask"] = f"masks/{name}_mask.png"
+    write_result_images(out, targets, image, judged, thr)
+    view = ""
+    if save_overlays and Path(path).suffix.lower() not in _WEB_SUFFIXES:
+        view = f"review/{name}_image.png"  # a browser cannot show e.g. TIFF: PNG copy
+        atomic_save_png(out / view, image)
+    return {
+        "path": display_path(path),
+        "score": judged.score,
+        "normalized_score": judged.normalized_score,
+        "decision": judged.decision,
+        "threshold": thr.value,
+        "overlay": targets.get("overlay", ""),
+        "mask": targets.get("mask", ""),
+        "heat_layer": targets.get("heat_layer", ""),
+        "region_layer": targets.get("region_layer", ""),
+        "view": view,
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+    }
+
+
+def _rejudge(
+    done: dict[str, dict[str, Any]],
+    thr: Threshold,
+    out: Path,
+    names: dict[str, str],
+    *,
+    save_overlays: bool,
+    save_masks: bool,
+) -> dict[str, dict[str, Any]]:
+    """Judge stored rows against a new threshold without calling the detector.
+
+    Decisions and normalised scores come from the stored scores; overlays and masks are redrawn
+    from the stored maps (``maps/NAME.npy``) and the images as read. A row whose map is missing
+    (or whose image can no longer be read, or which is not in this run's list) is dropped, so
+    it is scored again.
+    """
+    kept: dict[str, dict[str, Any]] = {}
+    need_images = save_overlays or save_masks
+    for key, row in done.items():
+        name = names.get(key)
+        if name is None:
+            continue
+        if not need_images:
+            # result images of the earlier judgement would be stale: no longer referenced
+            stale = dict.fromkeys(("overlay", "mask", "heat_layer", "region_layer", "view"), "")
+            kept[key] = {
+                **row,
+                **stale,
+                "decision": thr.decide(float(row["score"])),
+                "threshold": thr.value,
+                "normalized_score": normalized_score(float(row["score"]), thr),
+            }
+            continue
+        map_file = out / row.get("map", "")
+        if not row.get("map") or not map_file.is_file():
+            continue
+        try:
+            image = load_image(key)
+            amap = np.load(map_file, allow_pickle=False)
+        except (ImageReadError, OSError, ValueError) as exc:
+            log.warning("%s: cannot re-judge (%s); it is scored again", key, exc)
+            continue
+        new = _judge_and_write(
+            out,
+            Path(key),
+            name,
+            image,
+            float(row["score"]),
+            amap,
+            thr,
+            save_overlays=save_overlays,
+            save_masks=save_masks,
+        )
+        kept[key] = {**row, **new}
+    return kept
 
 
 def _score_and_write(
@@ -333,9 +524,14 @@ def _score_and_write(
     save_masks: bool,
     progress: bool,
 ) -> None:
-    """Score ``todo`` in the detector's batches; append a row per image to results.jsonl."""
+    """Score ``todo`` in the detector's batches; append a row per image to results.jsonl.
+
+    With overlays or masks requested, each map is also stored (``maps/NAME.npy``, float32 at
+    the detector's working size) so that a changed threshold can redraw them without scoring.
+    """
     (out / "overlays").mkdir(exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
+    keep_maps = save_overlays or save_masks
     bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=not progress)
     with open(out / "results.jsonl", "a", encoding="utf-8") as fj:
         for sl in detector.batch_slices(len(todo), batch_size):
@@ -357,22 +553,22 @@ def _score_and_write(
                 ).to_numpy()
                 per_image = (time.perf_counter() - tb) / len(loaded)
             for (p, im), key, s, m in zip(loaded, keys, scores, maps):
-                judged = judge_image(im, m, float(s), thr)
-                targets = {}
-                if save_overlays:
-                    targets["overlay"] = f"overlays/{name_of[p]}_overlay.png"
-                if save_masks:
-                    targets["mask"] = f"masks/{name_of[p]}_mask.png"
-                write_result_images(out, targets, im, judged, thr)
-                row = {
-                    "path": key,
-                    "score": judged.score,
-                    "decision": judged.decision,
-                    "threshold": thr.value,
-                    "overlay": targets.get("overlay", ""),
-                    "mask": targets.get("mask", ""),
-                    "seconds": per_image,
-                }
+                row = _judge_and_write(
+                    out,
+                    p,
+                    name_of[p],
+                    im,
+                    float(s),
+                    m,
+                    thr,
+                    save_overlays=save_overlays,
+                    save_masks=save_masks,
+                )
+                row["map"] = ""
+                if keep_maps:
+                    row["map"] = f"maps/{name_of[p]}.npy"
+                    _save_map(out / row["map"], m)
+                row["seconds"] = per_image
                 done[key] = row
                 fj.write(json.dumps(row) + "\n")
             fj.flush()
@@ -397,11 +593,14 @@ def run_predict(
     resume: bool = True,
     progress: bool = True,
     title: str = "anomalens report",
+    command: Sequence[str] | None = None,
 ) -> PredictSummary:
     """Fit on the normal images, score every image, write all outputs into ``out_dir``.
 
-    Outputs: ``results.csv``, ``results.jsonl``, ``errors.csv``, ``run.json``, ``report.html``,
-    ``overlays/*.png`` and ``masks/*.png``.
+    Outputs: ``results.csv``, ``results.jsonl``, ``errors.csv``, ``run.json``, ``report.html``
+    (the review page, see docs/review.md), ``overlays/*.png``, ``masks/*.png``, the page's
+    layers and colour bar ``review/*.png``, and the anomaly maps ``maps/*.npy`` that let a
+    changed threshold re-judge without scoring.
 
     Args:
         make_detector: builds a fresh detector with the run's settings (also used for
@@ -416,8 +615,10 @@ def run_predict(
         threshold: threshold policy (default: leave-one-out on the shots).
         category: object name given to ``fit`` (used by methods whose prompts name the
             object, e.g. WinCLIP; see ``Detector.uses_category``).
+        command: the command line recorded in run.json (default: ``sys.argv``).
     """
     t0 = time.perf_counter()
+    meta = _run_meta(list(image_paths), list(normal_paths), command)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     errors: list[dict[str, str]] = []
@@ -442,8 +643,18 @@ def run_predict(
     if detector.scores_whole_batch:
         precomputed, thr = _score_whole_batch(detector, image_paths, thr)
     assert thr is not None  # only batch methods leave it to the batch
-    settings = _settings_key(detector, thr, image_paths)
-    done = _resume(out, settings, resume)
+    settings = _settings_key(detector, image_paths)
+    key_names = {display_path(p): n for p, n in zip(image_paths, names)}
+    done = _resume(
+        out,
+        settings,
+        thr,
+        resume,
+        meta,
+        lambda rows: _rejudge(
+            rows, thr, out, key_names, save_overlays=save_overlays, save_masks=save_masks
+        ),
+    )
     todo = [(p, n) for p, n in zip(image_paths, names) if display_path(p) not in done]
     _score_and_write(
         detector,
@@ -459,7 +670,7 @@ def run_predict(
         progress=progress,
     )
     rows = [done[display_path(p)] for p in image_paths if display_path(p) in done]
-    _write_outputs(out, rows, errors, thr, detector, settings, title, names, image_paths)
+    _write_outputs(out, rows, errors, thr, detector, settings, title, names, image_paths, meta)
     n_anom = sum(r["decision"] == "anomalous" for r in rows)
     return PredictSummary(out, len(rows), n_anom, len(errors), thr, time.perf_counter() - t0, rows)
 
@@ -472,6 +683,41 @@ def _link(path: Path, out: Path) -> str:
         return path.resolve().as_uri()
 
 
+def _settings_table(
+    thr: Threshold, detector: Detector, meta: dict[str, Any], num_errors: int
+) -> list[tuple[str, str]]:
+    """The run's settings as (name, value) lines for the report's table."""
+    lines = [
+        ("method", detector.name),
+        ("normal images (k)", str(detector.num_shots)),
+        ("threshold", f"{thr.value:.6g} ({thr.method})"),
+        ("pixel threshold (masks)", f"{thr.pixel_threshold:.6g}"),
+    ]
+    scale = score_scale(thr)
+    lines.append(
+        (
+            "normalised score",
+            f"(score - threshold) / ({scale[1]:.6g} - {scale[0]:.6g}) + 0.5, clipped to [0, 1]"
+            if scale
+            else "not available (the threshold records no range of normal scores)",
+        )
+    )
+    for k, v in sorted(thr.details.items()):
+        lines.append((f"threshold: {k}", v if isinstance(v, str) else json.dumps(v)))
+    for k, v in sorted(detector.config().items()):
+        lines.append((f"detector: {k}", v if isinstance(v, str) else json.dumps(v, default=str)))
+    lines += [
+        ("unreadable files", str(num_errors)),
+        ("anomalens version", str(meta.get("anomalens_version"))),
+        ("started (UTC)", str(meta.get("started"))),
+        ("finished (UTC)", str(meta.get("finished"))),
+        ("host", str(meta.get("host"))),
+        ("command", str(meta.get("command"))),
+        ("input list sha256", str(meta.get("inputs", {}).get("images_sha256"))),
+    ]
+    return lines
+
+
 def _write_outputs(
     out: Path,
     rows: list[dict[str, Any]],
@@ -482,7 +728,9 @@ def _write_outputs(
     title: str,
     names: list[str],
     image_paths: list[Path],
+    meta: dict[str, Any],
 ) -> None:
+    """results.csv, errors.csv, the colour bar, report.html and the finished run.json."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
     w.writeheader()
@@ -493,30 +741,42 @@ def _write_outputs(
     w.writeheader()
     w.writerows(errors)
     atomic_write_text(out / "errors.csv", buf.getvalue())
+    meta = {**meta, "finished": _now()}
+    colorbar = ""
+    if thr.vis_range is not None and any(r.get("overlay") for r in rows):
+        colorbar = "review/colorbar.png"
+        atomic_save_png(
+            out / colorbar,
+            colorbar_rgb(thr.vis_range, {"pixel threshold": thr.pixel_threshold}),
+        )
     name_of = {display_path(p): n for p, n in zip(image_paths, names)}
     cards = [
         {
             **r,
             "name": Path(r["path"]).name,
-            "image": _link(Path(r["path"]), out),
+            "image": r.get("view") or _link(Path(r["path"]), out),
             "id": name_of[r["path"]],
         }
         for r in rows
     ]
-    info = {
-        "method": detector.name,
-        "normal images (k)": detector.num_shots,
-        "threshold": f"{thr.value:.6g} ({thr.method})",
-        "pixel threshold": f"{thr.pixel_threshold:.6g}",
-        "threshold details": json.dumps(thr.details),
-        "settings": json.dumps(detector.config()),
-    }
     atomic_write_text(
-        out / "report.html", render_report(cards, title=title, run_info=info, errors=errors)
+        out / "report.html",
+        render_report(
+            cards,
+            title=title,
+            settings=_settings_table(thr, detector, meta, len(errors)),
+            threshold=thr.value,
+            score_scale=score_scale(thr),
+            vis_range=thr.vis_range,
+            pixel_threshold=thr.pixel_threshold,
+            colorbar=colorbar,
+            errors=errors,
+        ),
     )
     atomic_write_json(
         out / "run.json",
         {
+            **meta,
             "settings": settings,
             "status": "complete",
             "threshold": thr.to_dict(),

@@ -36,12 +36,13 @@ from anomalens.data.io import ImageReadError, load_image
 from anomalens.detectors.base import Detector
 from anomalens.pipeline import (
     PredictSummary,
+    _run_meta,
     _unique_names,
     _write_outputs,
     display_path,
     file_problem,
 )
-from anomalens.results import JudgedImage, write_result_images
+from anomalens.results import judge_image, write_result_images
 from anomalens.thresholds import Threshold, batch_robust_threshold, fixed_threshold
 from anomalens.types import Sample
 
@@ -258,17 +259,8 @@ def run_predict_pairs(
         )
         thr = batch_robust_threshold(np.array([r["score"] for r in rows_scored]), maps)
     rows = _judge_and_write(out, images, names, rows_scored, thr, save_overlays, save_masks)
-    _write_outputs(
-        out,
-        rows,
-        errors,
-        thr,
-        detector,
-        settings,
-        title,
-        names,
-        images,
-    )
+    meta = _run_meta(images, [p.reference_path for p in pairs if p.reference_path], None)
+    _write_outputs(out, rows, errors, thr, detector, settings, title, names, images, meta)
     n_anom = sum(r["decision"] == "anomalous" for r in rows)
     return PredictSummary(out, len(rows), n_anom, len(errors), thr, time.perf_counter() - t0, rows)
 
@@ -296,7 +288,7 @@ def _judge_and_write(
             from anomalens.viz.overlay import resize_map
 
             amap = resize_map(amap, h, w)
-        judged = JudgedImage(r["score"], thr.decide(r["score"]), amap, amap > thr.pixel_threshold)
+        judged = judge_image(im, amap, r["score"], thr)
         targets = {}
         if save_overlays:
             targets["overlay"] = f"overlays/{name_of[r['path']]}_overlay.png"
@@ -308,6 +300,7 @@ def _judge_and_write(
                 "path": r["path"],
                 "reference": r["reference"],
                 "score": r["score"],
+                "normalized_score": judged.normalized_score,
                 "decision": judged.decision,
                 "threshold": thr.value,
                 "overlay": targets.get("overlay", ""),

@@ -47,6 +47,7 @@ def evaluate_pairs(
     scores: list[float] = []
     labels: list[int] = []
     errors: list[dict[str, str]] = []
+    per_image: list[dict[str, Any]] = []
     seconds = 0.0
     for s in tqdm(test, desc=desc, unit="pair", disable=not progress, leave=False):
         if s.reference_path is None:
@@ -71,6 +72,14 @@ def evaluate_pairs(
         acc.update(resize_map(mp[0], h, w)[None], mask[None])
         scores.append(float(sc[0]))
         labels.append(int(s.label))
+        per_image.append(
+            {
+                "path": str(s.image_path),
+                "label": int(s.label),
+                "defect_type": s.defect_type,
+                "score": float(sc[0]),
+            }
+        )
     if not scores:
         raise ValueError("no pair of the category could be read")
     metrics: dict[str, Any] = image_metrics(np.asarray(scores), np.asarray(labels))
@@ -78,4 +87,5 @@ def evaluate_pairs(
     metrics["num_test_images"] = len(scores)
     metrics["seconds_per_image"] = seconds / len(scores)
     metrics["errors"] = errors
+    metrics["per_image"] = per_image
     return metrics

@@ -5,12 +5,21 @@ category's ``train`` split (reproducibly from the seed), the detector is fitted 
 whole ``test`` split is scored. Each (category, k, seed) job writes one JSON file atomically under
 ``OUT/jobs/``; a rerun skips finished jobs, so a run killed midway loses at most the job in
 progress. Summaries (mean ± std over seeds, category average) are rebuilt from the job files.
+
+Beside the threshold-free metrics, every job evaluates the threshold ``anomalens predict``
+would set without labels (leave-one-out on the k shots; a zero-shot method's default; the
+batch-robust rule for batch methods): precision, recall, F1 and false-alarm rate at that
+threshold, and per defect type the image AUROC and the recall. Per-image scores and decisions
+go to ``OUT/scores/<category>/<job>.csv``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anomalens._fileio import atomic_write_json
+from anomalens._fileio import atomic_write_json, atomic_write_text
 from anomalens.benchmark.report import write_reports
 from anomalens.data.io import ImageReadError, load_image, load_mask
 from anomalens.data.registry import get_index, list_categories
@@ -28,10 +37,24 @@ from anomalens.data.sampling import sample_shots
 from anomalens.data.transforms import resize_mask
 from anomalens.detectors.base import Detector
 from anomalens.metrics import PixelMetricAccumulator, image_metrics
+from anomalens.metrics.image import auroc
 from anomalens.registry import create_detector
+from anomalens.thresholds import (
+    Threshold,
+    batch_robust_threshold,
+    calibrate_leave_one_out,
+    fixed_threshold,
+)
 from anomalens.types import Sample
 
-__all__ = ["BenchmarkConfig", "evaluate_category", "run_benchmark"]
+__all__ = [
+    "BenchmarkConfig",
+    "evaluate_category",
+    "no_label_threshold",
+    "run_benchmark",
+    "scores_path",
+    "threshold_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +112,21 @@ def evaluate_category(
 
     Maps are compared at the detector's working size S; masks are resized with bilinear
     interpolation and binarised at 0.5 (evaluation.md §4). Unreadable files are skipped
-    and listed under ``errors``.
+    and listed under ``errors``; ``per_image`` lists path, label, defect type and score of
+    every scored image.
     """
     size = detector.image_size
     acc = PixelMetricAccumulator(mode=pixel_mode)
     has_masks = any(s.mask_path is not None for s in test)
     scores: list[float] = []
     labels: list[int] = []
+    per_image: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     predict_seconds = 0.0
     bar = tqdm(total=len(test), desc=desc, unit="img", disable=not progress, leave=False)
     for sl in detector.batch_slices(len(test), batch_size):
         chunk = test[sl]
-        imgs, masks, labs, groups = [], [], [], []
+        imgs, masks, labs, groups, paths = [], [], [], [], []
         for s in chunk:
             try:
                 im = load_image(s.image_path)
@@ -115,6 +140,7 @@ def evaluate_category(
             masks.append(resize_mask(mask, size))
             labs.append(int(s.label))
             groups.append(s.defect_type)
+            paths.append(str(s.image_path))
         if imgs:
             t = time.perf_counter()
             pred = detector.predict(imgs, groups=groups)
@@ -125,6 +151,10 @@ def evaluate_category(
             predict_seconds += time.perf_counter() - t
             scores.extend(sc.tolist())
             labels.extend(labs)
+            per_image.extend(
+                {"path": p, "label": lab, "defect_type": g, "score": float(v)}
+                for p, lab, g, v in zip(paths, labs, groups, sc.tolist())
+            )
             if has_masks:
                 acc.update(mp, np.stack(masks))
         bar.update(len(chunk))
@@ -137,7 +167,115 @@ def evaluate_category(
     metrics["num_test_images"] = len(scores)
     metrics["seconds_per_image"] = predict_seconds / len(scores)
     metrics["errors"] = errors
+    metrics["per_image"] = per_image
     return metrics
+
+
+def no_label_threshold(
+    detector: Detector, shot_images: Sequence[np.ndarray], category: str | None
+) -> tuple[Threshold | None, str]:
+    """The threshold ``anomalens predict`` would set from the shots alone, or why there is none.
+
+    With shots: leave-one-out (``calibrate_leave_one_out``, default percentile 100); the
+    detector itself is the probe and is refitted, so fit it on all shots afterwards. Without:
+    the method's default threshold when its scores are probabilities. Batch methods return
+    (None, "batch"): their threshold comes from the scored test batch (see
+    :func:`threshold_metrics`).
+
+    Returns:
+        (threshold or None, a note saying why there is none, "" otherwise).
+    """
+    if not shot_images:
+        if detector.default_threshold is not None:
+            thr = fixed_threshold(detector.default_threshold)
+            thr.method = "default"
+            return thr, ""
+        if detector.scores_whole_batch:
+            return None, "batch"
+        return None, "no normal image and no default threshold (predict needs --threshold)"
+    try:
+        thr = calibrate_leave_one_out(lambda: detector, list(shot_images), category=category)
+    except ValueError as exc:
+        return None, str(exc)
+    return thr, ""
+
+
+def threshold_metrics(
+    per_image: Sequence[dict[str, Any]], thr: Threshold | None, note: str = ""
+) -> dict[str, Any]:
+    """Precision, recall, F1 and false-alarm rate at a threshold, and per-defect-type metrics.
+
+    Args:
+        per_image: rows with ``score``, ``label`` (1 = defective) and ``defect_type``; each
+            gets its ``decision`` at the threshold ("" without one).
+        thr: the no-label threshold; None when there is none (then ``note`` says why), except
+            ``note == "batch"``: the batch-robust threshold is set from these scores, as
+            ``predict`` does for a batch method without normal images.
+
+    Returns:
+        ``threshold``, ``threshold_method``, ``threshold_note``, ``thr_precision``,
+        ``thr_recall``, ``thr_f1``, ``thr_false_alarm_rate`` (NaN where undefined or without
+        a threshold) and ``per_defect`` (type -> n, image_auroc, recall_at_threshold).
+    """
+    scores = np.asarray([r["score"] for r in per_image], dtype=np.float64)
+    labels = np.asarray([r["label"] for r in per_image], dtype=bool)
+    if thr is None and note == "batch" and scores.size >= 3:
+        # only the image-level value is used here; the pixel rule is given the scores too
+        thr = batch_robust_threshold(scores, scores[:, None, None])
+        note = ""
+    nan = float("nan")
+    out: dict[str, Any] = {
+        "threshold": thr.value if thr is not None else nan,
+        "threshold_method": thr.method if thr is not None else "",
+        "threshold_note": note,
+    }
+    pred = scores > thr.value if thr is not None else np.zeros_like(labels)
+    for r, d in zip(per_image, pred.tolist()):
+        r["decision"] = ("anomalous" if d else "normal") if thr is not None else ""
+    tp = int((pred & labels).sum())
+    fp = int((pred & ~labels).sum())
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    precision = tp / (tp + fp) if thr is not None and tp + fp else nan
+    recall = tp / n_pos if thr is not None and n_pos else nan
+    if thr is not None and math.isfinite(precision) and math.isfinite(recall):
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    elif thr is not None and n_pos and tp + fp == 0:
+        f1 = 0.0  # nothing flagged: no true positive, F1 is 0 (precision undefined)
+    else:
+        f1 = nan
+    out.update(
+        thr_precision=precision,
+        thr_recall=recall,
+        thr_f1=f1,
+        thr_false_alarm_rate=fp / n_neg if thr is not None and n_neg else nan,
+    )
+    types = sorted({r["defect_type"] for r in per_image if r["label"]})
+    per_defect = {}
+    for t in types:
+        sel = np.asarray([(not r["label"]) or r["defect_type"] == t for r in per_image])
+        is_t = labels & sel
+        entry: dict[str, Any] = {"n": int(is_t.sum())}
+        entry["image_auroc"] = (
+            float(auroc(scores[sel], labels[sel].astype(np.int64))) if n_neg else nan
+        )
+        entry["recall_at_threshold"] = float(pred[is_t].mean()) if thr is not None else nan
+        per_defect[t or "(unnamed)"] = entry
+    out["per_defect"] = per_defect
+    return out
+
+
+def _write_scores(path: Path, per_image: Sequence[dict[str, Any]]) -> None:
+    """Per-image scores and decisions of one job as CSV (atomically)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=("path", "label", "defect_type", "score", "decision"))
+    w.writeheader()
+    w.writerows(per_image)
+    atomic_write_text(path, buf.getvalue())
+
+
+def scores_path(out: Path, category: str, k: int, seed: int | None) -> Path:
+    """Where a job's per-image scores go: ``OUT/scores/<category>/<job>.csv``."""
+    return out / "scores" / category / _job_path(out, category, k, seed).with_suffix(".csv").name
 
 
 def _job_path(out: Path, category: str, k: int, seed: int | None) -> Path:
@@ -224,7 +362,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
             from anomalens.benchmark.pairs import evaluate_pairs
 
             shots: list[Sample] = []
-            fit_seconds = 0.0
+            fit_seconds = threshold_seconds = 0.0
+            thr, note = None, "each image has its own reference: no k-shot threshold"
             metrics = evaluate_pairs(
                 detector, test, pixel_mode=cfg.pixel_mode, progress=progress, category=cat
             )
@@ -235,8 +374,11 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
                 if k
                 else []
             )
-            t0 = time.perf_counter()
             shot_images = [load_image(s.image_path) for s in shots]
+            t0 = time.perf_counter()
+            thr, note = no_label_threshold(detector, shot_images, cat)
+            threshold_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
             # the dataset's category names the object for methods whose prompts use it (WinCLIP)
             detector.fit(shot_images if shot_images else None, category=cat)
             fit_seconds = time.perf_counter() - t0
@@ -248,6 +390,10 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
                 progress=progress,
                 desc=f"{cat} k={k}",
             )
+        per_image = metrics.pop("per_image")
+        metrics.update(threshold_metrics(per_image, thr, note))
+        scores_file = scores_path(out, cat, k, seed)
+        _write_scores(scores_file, per_image)  # before the job file that marks the job done
         row = {
             "method": cfg.method,
             "dataset": cfg.dataset,
@@ -256,6 +402,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
             "seed": seed,
             "shots": [str(s.image_path) for s in shots],
             "fit_seconds": fit_seconds,
+            "threshold_seconds": threshold_seconds,
+            "scores_file": scores_file.relative_to(out).as_posix(),
             "detector": detector.config(),
             **metrics,
         }
