@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from anomalens._fileio import atomic_write_text
+from anomalens.fileio import atomic_write_text
 from anomalens.backbones.weights import WeightNotAvailableError, resolve_weights
 
 __all__ = ["pick_demo_weights", "run_demo"]

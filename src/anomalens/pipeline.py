@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anomalens._fileio import (
+from anomalens.fileio import (
     _json_default,
     atomic_save_png,
     atomic_write_bytes,

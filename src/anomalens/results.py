@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalens._fileio import atomic_save_png
+from anomalens.fileio import atomic_save_png
 from anomalens.thresholds import Threshold
 from anomalens.viz.overlay import (
     heat_rgba,

@@ -1,4 +1,4 @@
-"""Atomic writes (``anomalens._fileio``): complete files with the user's umask."""
+"""Atomic writes (``anomalens.fileio``): complete files with the user's umask."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalens._fileio import atomic_save_png, atomic_write_text, current_umask
+from anomalens.fileio import atomic_save_png, atomic_write_text, current_umask
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])

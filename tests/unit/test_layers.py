@@ -13,7 +13,7 @@ PKG = Path(anomalens.__file__).parent
 #: layer of each top-level module or sub-package (higher imports lower, never the reverse)
 LAYERS: dict[str, int] = {
     "types": 0,
-    "_fileio": 0,
+    "fileio": 0,
     "data": 1,
     "backbones": 1,
     "scoring": 1,
@@ -74,3 +74,13 @@ def test_imports_only_go_down() -> None:
             if LAYERS[dst] > LAYERS[src]:
                 bad.append(f"{path.relative_to(PKG)}:{line} ({src}) imports {module} ({dst})")
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_front_ends_import_no_private_module() -> None:
+    bad = []
+    for path in sorted((PKG / "service").rglob("*.py")) + sorted((PKG / "cli").rglob("*.py")):
+        for line, module in _imports(path):
+            parts = module.split(".")
+            if parts[0] == "anomalens" and any(p.startswith("_") for p in parts[1:]):
+                bad.append(f"{path.relative_to(PKG)}:{line} imports {module}")
+    assert not bad, "front ends import private modules:\n" + "\n".join(bad)

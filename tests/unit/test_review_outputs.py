@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalens._fileio import atomic_write_text
+from anomalens.fileio import atomic_write_text
 from anomalens.pipeline import ThresholdSpec, run_predict
 from anomalens.registry import create_detector
 

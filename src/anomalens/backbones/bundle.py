@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from anomalens._fileio import current_umask
+from anomalens.fileio import current_umask
 from anomalens.backbones.weights import sha256_file
 
 __all__ = ["BundleError", "pack_weights", "unpack_weights"]

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from anomalens._fileio import current_umask
+from anomalens.fileio import current_umask
 from anomalens.backbones.weight_spec import WeightSpec
 
 __all__ = [

@@ -100,7 +100,7 @@ def write_category_plot(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from anomalens._fileio import atomic_write_bytes
+    from anomalens.fileio import atomic_write_bytes
 
     jobs = [(r, s) for r, s in jobs if s["score"].size and len(set(s["label"].tolist())) == 2]
     if not jobs:

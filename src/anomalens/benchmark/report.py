@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from anomalens._fileio import atomic_write_json, atomic_write_text
+from anomalens.fileio import atomic_write_json, atomic_write_text
 from anomalens.benchmark.plots import read_scores, safe_name, write_category_plot
 
 __all__ = ["METRICS", "THRESHOLD_METRICS", "mean_std", "summarize", "write_reports"]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anomalens._fileio import atomic_write_json, atomic_write_text
+from anomalens.fileio import atomic_write_json, atomic_write_text
 from anomalens.benchmark.report import write_reports
 from anomalens.data.io import ImageReadError, load_image, load_mask
 from anomalens.data.registry import get_index, list_categories

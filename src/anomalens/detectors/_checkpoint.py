@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from anomalens._fileio import atomic_write_bytes
+from anomalens.fileio import atomic_write_bytes
 from anomalens.backbones.weights import read_checkpoint
 
 __all__ = [

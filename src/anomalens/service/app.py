@@ -41,7 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomalens import __version__
-from anomalens._fileio import atomic_save_png
+from anomalens.fileio import atomic_save_png
 from anomalens.data.io import ImageReadError, load_image
 from anomalens.registry import get_detector_class, list_detectors
 from anomalens.service.engine import InspectionEngine

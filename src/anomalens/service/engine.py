@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from anomalens._fileio import atomic_save_png
+from anomalens.fileio import atomic_save_png
 from anomalens.detectors.base import Detector
 from anomalens.results import judge_image, write_result_images
 from anomalens.service.errors import ServiceError

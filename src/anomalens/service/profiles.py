@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from anomalens._fileio import atomic_save_png, atomic_write_json
+from anomalens.fileio import atomic_save_png, atomic_write_json
 from anomalens.data.io import load_image
 from anomalens.detectors.base import Detector
 from anomalens.registry import check_options, create_detector, get_detector_class

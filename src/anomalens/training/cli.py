@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anomalens._fileio import atomic_write_bytes
+from anomalens.fileio import atomic_write_bytes
 
 __all__ = ["add_train_parser", "collect_samples", "run_train"]
 
