@@ -17,8 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from anomalens.fileio import atomic_write_text
 from anomalens.backbones.weights import WeightNotAvailableError, resolve_weights
+from anomalens.fileio import atomic_write_text
 
 __all__ = ["pick_demo_weights", "run_demo"]
 

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from anomalens.data.io import ImageReadError, load_image
+from anomalens.detectors.base import Detector
 from anomalens.fileio import (
     _json_default,
     atomic_save_png,
@@ -38,8 +40,6 @@ from anomalens.fileio import (
     atomic_write_json,
     atomic_write_text,
 )
-from anomalens.data.io import ImageReadError, load_image
-from anomalens.detectors.base import Detector
 from anomalens.results import judge_image, normalized_score, score_scale, write_result_images
 from anomalens.thresholds import (
     Threshold,

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anomalens.fileio import atomic_write_json, atomic_write_text
 from anomalens.data.align import ALIGN_METHODS, align_to_reference, map_to_image
 from anomalens.data.io import ImageReadError, load_image
 from anomalens.detectors.base import Detector
+from anomalens.fileio import atomic_write_json, atomic_write_text
 from anomalens.pipeline import (
     PredictSummary,
     _run_meta,

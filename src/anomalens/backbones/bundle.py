@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from anomalens.fileio import current_umask
 from anomalens.backbones.weights import sha256_file
+from anomalens.fileio import current_umask
 
 __all__ = ["BundleError", "pack_weights", "unpack_weights"]
 

@@ -27,8 +27,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from anomalens.fileio import current_umask
 from anomalens.backbones.weight_spec import WeightSpec
+from anomalens.fileio import current_umask
 
 __all__ = [
     "WeightNotAvailableError",

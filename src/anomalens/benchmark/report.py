@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from anomalens.fileio import atomic_write_json, atomic_write_text
 from anomalens.benchmark.plots import read_scores, safe_name, write_category_plot
+from anomalens.fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["METRICS", "THRESHOLD_METRICS", "mean_std", "summarize", "write_reports"]
 

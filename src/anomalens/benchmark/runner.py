@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anomalens.fileio import atomic_write_json, atomic_write_text
 from anomalens.benchmark.report import write_reports
 from anomalens.data.io import ImageReadError, load_image, load_mask
 from anomalens.data.registry import get_index, list_categories
 from anomalens.data.sampling import sample_shots
 from anomalens.data.transforms import resize_mask
 from anomalens.detectors.base import Detector
+from anomalens.fileio import atomic_write_json, atomic_write_text
 from anomalens.metrics import PixelMetricAccumulator, image_metrics
 from anomalens.metrics.image import auroc
 from anomalens.registry import create_detector

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from anomalens.fileio import atomic_write_bytes
 from anomalens.backbones.weights import read_checkpoint
+from anomalens.fileio import atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_FORMAT",

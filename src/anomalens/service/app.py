@@ -41,8 +41,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomalens import __version__
-from anomalens.fileio import atomic_save_png
 from anomalens.data.io import ImageReadError, load_image
+from anomalens.fileio import atomic_save_png
 from anomalens.registry import get_detector_class, list_detectors
 from anomalens.service.engine import InspectionEngine
 from anomalens.service.errors import ServiceError

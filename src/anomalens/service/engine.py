@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from anomalens.fileio import atomic_save_png
 from anomalens.detectors.base import Detector
+from anomalens.fileio import atomic_save_png
 from anomalens.results import judge_image, write_result_images
 from anomalens.service.errors import ServiceError
 from anomalens.service.profiles import Profile, ProfileStore

@@ -29,9 +29,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from anomalens.fileio import atomic_save_png, atomic_write_json
 from anomalens.data.io import load_image
 from anomalens.detectors.base import Detector
+from anomalens.fileio import atomic_save_png, atomic_write_json
 from anomalens.registry import check_options, create_detector, get_detector_class
 from anomalens.service.errors import ServiceError
 from anomalens.service.uploads import DecodedImage

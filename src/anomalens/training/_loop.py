@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from anomalens.data.io import load_mask
 from anomalens.data.transforms import resize_mask
 from anomalens.detectors._checkpoint import read_info
+from anomalens.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from anomalens.types import Sample
 
 if TYPE_CHECKING:
