@@ -32,11 +32,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
-test: lint
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: lint typecheck
 	$(PY) -m pytest -q
 
 # unit and service tests only (no tests/integration): a quick check while editing
-test-fast: lint
+test-fast: lint typecheck
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

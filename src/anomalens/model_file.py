@@ -264,7 +264,7 @@ def _rebuild_backbone(
         patch = int(fresh.patch_size)
         visual.grid_size = grid
         visual.image_size = (grid[0] * patch, grid[1] * patch)
-        module = ClipBackbone(
+        clip = ClipBackbone(
             model,
             image_size=int(arch["image_size"]),
             precision=arch["precision"],
@@ -275,8 +275,8 @@ def _rebuild_backbone(
             model_name=arch["model_name"],
             pretrained=arch["pretrained"],
         )
-        module.load_state_dict(tensors, strict=True)
-        return module
+        clip.load_state_dict(tensors, strict=True)
+        return clip
     raise ValueError(f"unknown embedded backbone kind {kind!r}")
 
 
@@ -731,9 +731,9 @@ def load_model(
     detector.init_options = {**opts, **state_options}
     if bb["embedded"]:
         detector.init_options[bb["option"]] = options[bb["option"]]
-    module = _backbone_of(detector)
-    if verify_weights and bb["sha256"] is not None and module is not None:
-        got = backbone_sha256(module)
+    rebuilt = _backbone_of(detector)
+    if verify_weights and bb["sha256"] is not None and rebuilt is not None:
+        got = backbone_sha256(rebuilt)
         if got != bb["sha256"]:
             raise ModelFileError(
                 f"model {p}: the backbone weights {bb['weights'] or '(preset default)'} give "

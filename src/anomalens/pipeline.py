@@ -542,6 +542,8 @@ def _score_and_write(
                 bar.update(len(chunk))
                 continue
             keys = [display_path(p) for p, _ in loaded]
+            scores: Sequence[float] | np.ndarray
+            maps: Sequence[np.ndarray] | np.ndarray
             if all(k in precomputed for k in keys):
                 scores = [precomputed[k][0] for k in keys]
                 maps = [precomputed[k][1] for k in keys]
@@ -627,8 +629,9 @@ def run_predict(
         if normal_paths:
             raise ValueError("the detector is already fitted: give no normal images with it")
         thr = model_threshold
+        fitted = detector
         if thr is None or spec.fixed is not None or spec.calibration:
-            thr = _set_threshold(spec, lambda: detector, detector, [], errors, category)
+            thr = _set_threshold(spec, lambda: fitted, fitted, [], errors, category)
     elif make_detector is None:
         raise ValueError("run_predict needs make_detector or a fitted detector")
     else:

@@ -191,8 +191,9 @@ def create_detector(name: str, **options: Any) -> Detector:
         from anomalens.backbones.factory import build_backbone
 
         default = _constructor_params(cls)["backbone"].default
-        ctor["backbone"] = build_backbone(
-            cls.backbone_kind,  # type: ignore[arg-type]
+        build: Callable[..., Any] = build_backbone
+        ctor["backbone"] = build(
+            cls.backbone_kind,
             ctor.get("backbone", default),
             device=ctor.get("device", "cpu"),
             **{k: opts[k] for k in factory if k in opts},

@@ -16,7 +16,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from anomalens.backbones.weights import sha256_file
 from anomalens.fileio import current_umask
@@ -134,7 +134,7 @@ def unpack_weights(bundle: str | Path, dest: str | Path) -> list[Path]:
                 tmp = Path(td) / rel
                 tmp.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(m) as src:  # type: ignore[union-attr]
-                    digest = _copy_capped(src, tmp, size, m.name)
+                    digest = _copy_capped(cast(BinaryIO, src), tmp, size, m.name)
                 if digest != e.get("sha256"):
                     raise BundleError(
                         f"bundle member {m.name!r} does not match its manifest checksum"

@@ -133,7 +133,7 @@ class ClipBackbone(nn.Module):
         visual = self.model.visual
         # the pretrained positional embedding, float32 on the CPU: every resize starts from it
         self._native_pos_embed = visual.positional_embedding.detach().float().cpu().clone()
-        self._native_grid: tuple[int, int] = tuple(visual.grid_size)  # type: ignore[assignment]
+        self._native_grid: tuple[int, int] = tuple(visual.grid_size)
         self.model.to(device=torch.device(device), dtype=dtype)
         self.set_image_size(image_size if image_size is not None else _first(visual.image_size))
 
@@ -282,7 +282,7 @@ class ClipBackbone(nn.Module):
         """
         cfg = openai_clip_config(state_dict)
         model = CLIP(
-            embed_dim=cfg["embed_dim"],  # type: ignore[arg-type]
+            embed_dim=cfg["embed_dim"],
             vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),  # type: ignore[arg-type]
             text_cfg=CLIPTextCfg(**cfg["text_cfg"]),  # type: ignore[arg-type]
             quick_gelu=quick_gelu,

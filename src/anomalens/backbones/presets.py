@@ -12,6 +12,7 @@ pick the preset that matches the file.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from anomalens.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -47,7 +48,7 @@ class CNNPreset:
     tf_padding: bool = False
     description: str = ""
 
-    def with_overrides(self, **changes: object) -> CNNPreset:
+    def with_overrides(self, **changes: Any) -> CNNPreset:
         """Copy with some fields replaced (``None`` values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 

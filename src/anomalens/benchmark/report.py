@@ -66,7 +66,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[m], row[m + "_std"] = mu, sd
         out.append(row)
     for k in sorted({r["k"] for r in rows}):
-        seed_means = {m: [] for m in _ALL}
+        seed_means: dict[str, list[float]] = {m: [] for m in _ALL}
         n = 0
         for (kk, _seed), rs in by_seed.items():
             if kk != k:

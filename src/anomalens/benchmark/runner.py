@@ -116,7 +116,7 @@ def evaluate_category(
     every scored image.
     """
     size = detector.image_size
-    acc = PixelMetricAccumulator(mode=pixel_mode)
+    acc = PixelMetricAccumulator(mode=pixel_mode)  # type: ignore[arg-type]  # checked there
     has_masks = any(s.mask_path is not None for s in test)
     scores: list[float] = []
     labels: list[int] = []

@@ -127,8 +127,8 @@ def align_to_reference(image: np.ndarray, reference: np.ndarray, method: str = "
             if len(matches) < 8:
                 ok, reason = False, f"only {len(matches)} key-point matches"
             else:
-                src = np.float32([k1[m.queryIdx].pt for m in matches])
-                dst = np.float32([k2[m.trainIdx].pt for m in matches])
+                src = np.array([k1[m.queryIdx].pt for m in matches], dtype=np.float32)
+                dst = np.array([k2[m.trainIdx].pt for m in matches], dtype=np.float32)
                 hom, inl = cv2.findHomography(src, dst, cv2.RANSAC, 3.0)
                 if hom is None:
                     ok, reason = False, "RANSAC found no homography"

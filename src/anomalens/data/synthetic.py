@@ -129,7 +129,7 @@ def _smooth_noise(
     ``sigma`` is the Gaussian std in pixels, one value or (y, x). Filtering is done in the
     Fourier domain, so the cost does not depend on ``sigma``.
     """
-    sy, sx = (sigma, sigma) if np.isscalar(sigma) else sigma
+    sy, sx = (float(sigma), float(sigma)) if isinstance(sigma, int | float) else sigma
     spec = np.fft.rfft2(rng.standard_normal((size, size)))
     fy = np.fft.fftfreq(size)[:, None]
     fx = np.fft.rfftfreq(size)[None, :]

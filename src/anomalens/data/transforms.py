@@ -19,10 +19,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _PIL_FILTERS = {
-    "bicubic": Image.BICUBIC,
-    "bilinear": Image.BILINEAR,
-    "nearest": Image.NEAREST,
-    "lanczos": Image.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 
 

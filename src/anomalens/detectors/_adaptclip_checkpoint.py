@@ -53,7 +53,7 @@ def _split_learners(state_dict: Mapping[str, object]) -> dict[str, dict[str, tor
     unknown = []
     for key, value in state_dict.items():
         if key in _LEARNERS and isinstance(value, Mapping):
-            nested[key].update(value)  # type: ignore[arg-type]
+            nested[key].update(value)
             continue
         learner, _, rest = key.partition(".")
         if learner in _LEARNERS and rest and isinstance(value, torch.Tensor):

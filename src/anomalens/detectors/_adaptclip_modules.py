@@ -96,6 +96,10 @@ class TextualAdapter(nn.Module):
     checkpoint). Row 0 is the normal prompt, row 1 the abnormal one.
     """
 
+    token_prefix: torch.Tensor
+    token_suffix: torch.Tensor
+    token_ids: torch.Tensor
+
     def __init__(self, text_width: int, n_ctx: int = 12, context_length: int = 77) -> None:
         super().__init__()
         self.n_ctx = n_ctx

@@ -59,7 +59,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     """
     sd: Mapping[str, torch.Tensor] = state_dict
     if "prompt_learner" in sd and isinstance(sd["prompt_learner"], Mapping):
-        sd = sd["prompt_learner"]  # type: ignore[assignment]
+        sd = sd["prompt_learner"]
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     out: dict[str, torch.Tensor] = {}

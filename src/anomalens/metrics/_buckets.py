@@ -209,7 +209,7 @@ class BucketStore:
             np.right_shift(chunk, 16, out=buckets)
             buckets += _OFFSET
             np.copyto(lows, chunk, casting="unsafe")  # keeps the low 16 bits
-            grouped, starts = group_by_bucket(buckets, lows, out=tuple(out))  # type: ignore[arg-type]
+            grouped, starts = group_by_bucket(buckets, lows, out=tuple(out))
             sizes = np.diff(starts)
             self.counts += sizes
             used = np.flatnonzero(sizes)

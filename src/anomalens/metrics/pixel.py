@@ -740,7 +740,7 @@ def pixel_metrics(
     Returns:
         ``pixel_auroc``, ``pixel_ap``, ``pixel_f1max``, ``pixel_aupro``.
     """
-    acc = PixelMetricAccumulator(mode, **kwargs)  # type: ignore[arg-type]
+    acc = PixelMetricAccumulator(mode, **kwargs)
     acc.update(maps, masks)
     return acc.compute()
 

@@ -15,6 +15,7 @@ file (``create_from_model``).
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import math
@@ -28,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from anomalens.data.io import load_image
 from anomalens.detectors.base import Detector
@@ -236,7 +239,7 @@ class ProfileStore:
                     log.warning("skipping unreadable profile %s: %s", d, exc)
         return out
 
-    def normal_paths(self, profile: Profile) -> list[Path]:
+    def normal_paths(self, profile: Profile) -> builtins.list[Path]:
         d = self._dir(profile.name) / "normals"
         return [d / f"{sha}.png" for sha in profile.normals if _SHA_RE.fullmatch(sha)]
 
@@ -245,7 +248,7 @@ class ProfileStore:
         p = self._dir(profile.name) / MODEL_FILE
         return p if p.is_file() else None
 
-    def load_normals(self, profile: Profile) -> list:
+    def load_normals(self, profile: Profile) -> builtins.list[np.ndarray]:
         """The stored normal images as (H, W, 3) uint8 arrays."""
         return [load_image(p) for p in self.normal_paths(profile)]
 

@@ -225,7 +225,9 @@ class ResultStore:
                 rec = dict(rec)
                 rec["created_at"] = utc_naive(rec.get("created_at") or datetime.now(timezone.utc))
                 res = conn.execute(sa.insert(inspections).values(**rec))
-                ids.append(int(res.inserted_primary_key[0]))
+                key = res.inserted_primary_key
+                assert key is not None  # an INSERT always has one
+                ids.append(int(key[0]))
         return ids
 
     # ------------------------------------------------------------------ jobs
