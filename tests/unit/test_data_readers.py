@@ -331,7 +331,7 @@ def test_folder_dataset_via_registry(tmp_path: Path) -> None:
 
 
 def test_registry_lists() -> None:
-    assert list_datasets() == ["btad", "folder", "mpdd", "mvtec", "visa"]
+    assert list_datasets() == ["btad", "folder", "mpdd", "mvtec", "pairs", "visa"]
     assert len(KNOWN_CATEGORIES["mvtec"]) == 15 and len(KNOWN_CATEGORIES["visa"]) == 12
     assert KNOWN_CATEGORIES["btad"] == ("01", "02", "03") and len(KNOWN_CATEGORIES["mpdd"]) == 6
     with pytest.raises(ValueError, match=r"unknown dataset 'mvtech'\. Available: btad, folder"):
