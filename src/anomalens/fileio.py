@@ -16,12 +16,27 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "FORMULA_START",
     "atomic_save_png",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "current_umask",
+    "spreadsheet_safe",
 ]
+
+#: Text cells starting with one of these are formulas to a spreadsheet (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a leading ``'`` before formula starters.
+
+    Numbers are left alone (a negative score stays a number); only strings are escaped.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
 
 
 def current_umask() -> int:

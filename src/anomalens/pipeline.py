@@ -39,6 +39,7 @@ from anomalens.fileio import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    spreadsheet_safe,
 )
 from anomalens.results import judge_image, normalized_score, score_scale, write_result_images
 from anomalens.thresholds import (
@@ -721,6 +722,11 @@ def _settings_table(
     return lines
 
 
+def _csv_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with text cells escaped for spreadsheets (file names can start with ``=``)."""
+    return [{k: spreadsheet_safe(v) for k, v in r.items()} for r in rows]
+
+
 def _write_outputs(
     out: Path,
     rows: list[dict[str, Any]],
@@ -737,12 +743,12 @@ def _write_outputs(
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(_csv_rows(rows))
     atomic_write_text(out / "results.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=("path", "error"))
     w.writeheader()
-    w.writerows(errors)
+    w.writerows(_csv_rows(errors))
     atomic_write_text(out / "errors.csv", buf.getvalue())
     meta = {**meta, "finished": _now()}
     colorbar = ""
@@ -903,7 +909,7 @@ def _write_group_outputs(out: Path, summaries: dict[str, PredictSummary], title:
             row = dict(row, group=group)
             for key in ("overlay", "mask"):  # relative to out/, like the per-group files
                 row[key] = f"{group}/{row[key]}" if row[key] else ""
-            w.writerow(row)
+            w.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
     atomic_write_text(out / "results.csv", buf.getvalue())
     lines = [
         f"<tr><td><a href='{html.escape(g)}/report.html'>{html.escape(g)}</a></td>"

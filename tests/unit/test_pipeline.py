@@ -304,3 +304,27 @@ def test_grouped_run_refuses_a_group_without_normal_images(grouped, tmp_path):
     _write(images, "loose.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="not in a group sub-folder"):
         split_by_group(images, sorted(images.rglob("*.png")))
+
+
+def test_csv_outputs_escape_spreadsheet_formulas(folders, tmp_path, monkeypatch):
+    import csv as _csv
+
+    from anomalens.fileio import spreadsheet_safe
+
+    normal, images = folders
+    (images / "=HYPERLINK(1).png").write_bytes((images / "good.png").read_bytes())
+    (images / "@SUM(1).png").write_bytes(b"not an image")
+    monkeypatch.chdir(images)  # relative paths, as `--images .` gives them
+    run_predict(
+        lambda: create_detector("toy"),
+        [Path("=HYPERLINK(1).png"), Path("@SUM(1).png")],
+        tmp_path / "o",
+        normal_paths=sorted(normal.iterdir()),
+        threshold=ThresholdSpec(fixed=0.5),
+        progress=False,
+    )
+    (row,) = _csv.DictReader((tmp_path / "o" / "results.csv").open())
+    (err,) = _csv.DictReader((tmp_path / "o" / "errors.csv").open())
+    assert row["path"] == "'=HYPERLINK(1).png" and err["path"] == "'@SUM(1).png"
+    assert float(row["score"]) >= 0  # numbers stay numbers
+    assert spreadsheet_safe("=cmd") == "'=cmd" and spreadsheet_safe(-1.5) == -1.5

@@ -21,6 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from anomalens.fileio import spreadsheet_safe
+
 __all__ = ["CSV_FIELDS", "HistoryFilter", "JobRow", "ResultStore", "utc_naive"]
 
 metadata = sa.MetaData()
@@ -105,7 +107,6 @@ CSV_FIELDS = (
     "mask_path",
     "job_id",
 )
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def utc_naive(t: datetime) -> datetime:
@@ -500,9 +501,7 @@ class ResultStore:
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat(timespec="milliseconds") + "Z"
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return "" if value is None else value
+    return "" if value is None else spreadsheet_safe(value)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
