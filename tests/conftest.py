@@ -64,6 +64,9 @@ class ToyDetector(Detector):
         maps = (self._grey(images) - self.reference).abs() + self.offset
         return Prediction(maps.flatten(1).max(1).values, maps)
 
+    def config(self) -> dict:
+        return {**super().config(), "offset": self.offset}
+
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

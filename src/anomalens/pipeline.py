@@ -361,6 +361,21 @@ def _score_whole_batch(
     return pre, thr
 
 
+def _settings_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """The settings that differ between two runs, as ``key: old -> new`` (nested keys dotted)."""
+    new = json.loads(json.dumps(new, default=_json_default))
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.append(_settings_diff(a, b, f"{prefix}{key}."))
+        else:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(d for d in diffs if d) or "unknown"
+
+
 def _resume(
     out: Path,
     settings: dict[str, Any],
@@ -389,7 +404,11 @@ def _resume(
                 done[row["path"]] = row
             log.info("resuming: %d images already scored", len(done))
         else:
-            log.warning("%s holds results made with other settings; they are recomputed", out)
+            log.warning(
+                "%s holds results made with other settings (%s); they are recomputed",
+                out,
+                _settings_diff(prev.get("settings") or {}, settings),
+            )
     new_thr = json.loads(json.dumps(thr.to_dict(), default=_json_default))
     if done and prev.get("threshold") != new_thr:
         log.info("threshold changed: re-judging %d stored scores without re-scoring", len(done))

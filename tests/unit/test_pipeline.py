@@ -328,3 +328,13 @@ def test_csv_outputs_escape_spreadsheet_formulas(folders, tmp_path, monkeypatch)
     assert row["path"] == "'=HYPERLINK(1).png" and err["path"] == "'@SUM(1).png"
     assert float(row["score"]) >= 0  # numbers stay numbers
     assert spreadsheet_safe("=cmd") == "'=cmd" and spreadsheet_safe(-1.5) == -1.5
+
+
+def test_a_rerun_with_other_settings_says_what_changed(folders, tmp_path, caplog):
+    normal, images = folders
+    paths = sorted(images.iterdir())
+    args = dict(normal_paths=sorted(normal.iterdir()), progress=False)
+    run_predict(lambda: create_detector("toy"), paths, tmp_path / "o", **args)
+    with caplog.at_level("WARNING", logger="anomalens.pipeline"):
+        run_predict(lambda: create_detector("toy", offset=0.5), paths, tmp_path / "o", **args)
+    assert "they are recomputed" in caplog.text and "offset" in caplog.text
