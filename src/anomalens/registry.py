@@ -23,6 +23,7 @@ _DETECTOR_MODULES = (
     "anomalens.detectors.adaptclip",
     "anomalens.detectors.anomalyclip",
     "anomalens.detectors.musc",
+    "anomalens.detectors.metauas",
 )
 _loaded = False
 
