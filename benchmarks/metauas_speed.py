@@ -7,8 +7,10 @@ Two modes, both timed from uint8 arrays to maps on the host (preprocessing inclu
 * ``pairs``: ``predict_pairs(queries, references)``: two encoder passes per pair (what
   reference-based inspection costs).
 
-Random weights (speed does not depend on their values; the official checkpoints have the same
-architecture). One warm-up call per setting, then the images are scored in ``--batch-sizes``
+Random weights by default (speed does not depend on their values; the official checkpoints have
+the same architecture); ``--checkpoint`` loads a file instead, which makes the bf16 difference
+meaningful (an untrained network outputs nearly constant maps), e.g. the parity fixture's
+``metauas_official.ckpt`` (random but calibrated weights). One warm-up call per setting, then the images are scored in ``--batch-sizes``
 chunks. For each size and mode the script also prints the largest |difference| of the maps
 bf16 vs fp32 on the same images.
 
@@ -75,7 +77,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for precision in args.precisions:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="MetaUAS has random weights")
-                det = MetaUAS(image_size=size, precision=precision, device=args.device, seed=0)
+                det = MetaUAS(
+                    args.checkpoint,
+                    image_size=size,
+                    precision=precision,
+                    device=args.device,
+                    seed=0,
+                )
             det.fit(refs[:1])
             for mode in args.modes:
                 for bs in args.batch_sizes:
@@ -83,6 +91,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     maps.setdefault((precision, mode), out)
                     row = {
                         "device": args.device,
+                        "weights": "random" if args.checkpoint is None else "checkpoint",
                         "threads": args.threads if args.device == "cpu" else None,
                         "image_size": size,
                         "precision": precision,
@@ -112,6 +121,7 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--modes", nargs="+", default=["predict", "pairs"], choices=["predict", "pairs"])
     p.add_argument("--n-images", type=int, default=16)
+    p.add_argument("--checkpoint", help="MetaUAS weights (default: random)")
     args = p.parse_args()
     rows = run(args)
     print("\n| size | precision | mode | batch | images/s | ms/image |")

@@ -41,6 +41,7 @@ from anomalens.data.io import ImageLike
 __all__ = [
     "CHANGE_KINDS",
     "TrainResult",
+    "calibrate_encoder_bn",
     "jitter_prompt",
     "load_encoder_weights",
     "make_change_pair",
@@ -210,6 +211,40 @@ def load_encoder_weights(net: torch.nn.Module, path: str | Path) -> None:
         raise KeyError(f"{path} is not an EfficientNet-B4 state dict: {exc}") from exc
 
 
+@torch.no_grad()
+def calibrate_encoder_bn(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> None:
+    """Set the encoder's BatchNorm running statistics from ``images`` (cumulative average).
+
+    For a *random* encoder only: its initial statistics (mean 0, variance 1) let the features
+    shrink block after block (f5 ~1e-4 of f1 at 64 px), so the aligned levels carry almost no
+    signal. Recomputing them layer by layer from the training images keeps every level at unit
+    scale; the weights stay random and frozen.
+
+    Args:
+        net: a ``MetaUASNet``.
+        images: (N, 3, S, S) uint8 images.
+    """
+    encoder = net.encoder  # type: ignore[union-attr]
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        torch.nn.Module.train(m, True)
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            net.encode((images[i : i + batch_size].float() / 255.0).to(device))  # type: ignore[operator]
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+            torch.nn.Module.train(m, False)
+
+
 # ======================================================================================= training
 @dataclass
 class TrainResult:
@@ -359,11 +394,15 @@ def train_metauas(
             load_encoder_weights(net, encoder_weights)
         else:
             warnings.warn(
-                "training MetaUAS on a random frozen encoder (pass encoder_weights= an "
-                "EfficientNet-B4 ImageNet state dict for the paper's setting)",
+                "training MetaUAS on a random frozen encoder (its BatchNorm statistics are set "
+                "from the training images; pass encoder_weights= an EfficientNet-B4 ImageNet "
+                "state dict for the paper's setting)",
                 UserWarning,
                 stacklevel=2,
             )
+    data = _load_uint8(images, image_size)
+    if fresh and encoder_weights is None:
+        calibrate_encoder_bn(net, data, batch_size, det.device)
     net.train()  # the encoder stays in eval mode (frozen)
     trainable = [p for n, p in net.named_parameters() if not n.startswith("encoder.")]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
@@ -373,7 +412,6 @@ def train_metauas(
         )
     log_rows = _read_log(log_file, start)
     atomic_write_text(log_file, "".join(json.dumps(r) + "\n" for r in log_rows))
-    data = _load_uint8(images, image_size)
     step = len(log_rows)
     for epoch in range(start + 1, epochs + 1):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
