@@ -142,8 +142,12 @@ class FeatureAlignment(nn.Module):
         """
         q = self.proj(query)
         k = self.proj(prompt)
-        logits = torch.bmm(q.flatten(2).transpose(1, 2), k.flatten(2))
-        return q, k, logits.softmax(dim=-1)
+        # unscaled logits reach the hundreds: in bf16/fp16 their rounding alone would move
+        # the attention, so this product and the softmax always run in float32
+        with torch.autocast(q.device.type, enabled=False):
+            logits = torch.bmm(q.float().flatten(2).transpose(1, 2), k.float().flatten(2))
+            attn = logits.softmax(dim=-1)
+        return q, k, attn
 
     def forward(
         self,
@@ -166,7 +170,8 @@ class FeatureAlignment(nn.Module):
         if self.alignment == "ha":
             attn = F.one_hot(attn.argmax(dim=-1), attn.shape[-1]).to(prompt.dtype)
         b, c, h, w = query.shape
-        aligned = torch.bmm(prompt.flatten(2), attn.transpose(1, 2)).view(b, c, h, w)
+        aligned = torch.bmm(prompt.flatten(2), attn.to(prompt.dtype).transpose(1, 2))
+        aligned = aligned.view(b, c, h, w)
         if record is not None:
             record.update(q=q, k=k, attn=attn, aligned=aligned)
         return aligned
