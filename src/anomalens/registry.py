@@ -32,6 +32,7 @@ _DETECTOR_MODULES = (
     "anomalens.detectors.anomalyclip",
     "anomalens.detectors.musc",
     "anomalens.detectors.refdiff",
+    "anomalens.detectors.metauas",
 )
 _loaded = False
 

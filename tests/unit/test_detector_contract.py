@@ -39,6 +39,7 @@ BUILDERS: dict[str, Callable[[], Detector]] = {
     "adaptclip": lambda: create_detector("adaptclip", backbone=_tiny_clip(), sigma=1.0),
     "anomalyclip": lambda: create_detector("anomalyclip", backbone=_tiny_clip(), sigma=1.0),
     "refdiff": lambda: create_detector("refdiff", image_size=64, sigma=2.0),
+    "metauas": lambda: create_detector("metauas", image_size=64, batch_size=4),
     "musc": lambda: create_detector(
         "musc", backbone="resnet18", weights="random", image_size=64, progress=False
     ),

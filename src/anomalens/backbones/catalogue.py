@@ -61,4 +61,18 @@ WEIGHTS: tuple[WeightSpec, ...] = (
         filename="clip-vit-b-16-plus-240-laion400m-e31.safetensors",
         description="open_clip ViT-B-16-plus-240, LAION-400M epoch 31; WinCLIP, AdaptCLIP light",
     ),
+    # MetaUAS (NeurIPS 2024): the official checkpoints, plain torch state dicts. Hub repo and
+    # file names as the official code expects them; not checked offline (no sha256 pinned).
+    WeightSpec(
+        name="metauas-256",
+        source="hf-hub:csgaobb/MetaUAS/metauas-256.ckpt",
+        filename="metauas-256.ckpt",
+        description="MetaUAS official weights, 256 px (MVTec protocol); name not verified offline",
+    ),
+    WeightSpec(
+        name="metauas-512",
+        source="hf-hub:csgaobb/MetaUAS/metauas-512.ckpt",
+        filename="metauas-512.ckpt",
+        description="MetaUAS official weights, 512 px (VisA, GoodsAD); name not verified offline",
+    ),
 )

@@ -48,7 +48,8 @@ class Detector(abc.ABC):
     uses_normal_images: ClassVar[bool] = True
     #: predict() scores its images against each other: a result depends on the whole batch,
     #: so a folder is scored in one call (MuSc).
-    scores_whole_batch: ClassVar[bool] = False
+    #: (A method may set it per instance when an option makes its results batch-dependent.)
+    scores_whole_batch: bool = False
     #: Smallest number of images one predict() call accepts.
     min_batch: ClassVar[int] = 1
     #: The category / object name given to fit() changes the results (text prompts).

@@ -1,4 +1,4 @@
-"""``anomalens train adaptclip|anomalyclip``: train adapters / prompts on an auxiliary dataset."""
+"""``anomalens train adaptclip|anomalyclip|metauas``: train on an auxiliary dataset."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ from anomalens.fileio import atomic_write_bytes
 
 __all__ = ["add_train_parser", "collect_samples", "run_train"]
 
-METHODS = ("adaptclip", "anomalyclip")
+METHODS = ("adaptclip", "anomalyclip", "metauas")
 
 
 def add_train_parser(sub: Any, _add_method_flags: Callable[..., None] | None = None) -> None:
     """Register the ``train`` sub-command on an argparse sub-parser collection."""
     p = sub.add_parser(
         "train",
-        help="train AdaptCLIP adapters or AnomalyCLIP prompts on an auxiliary dataset",
+        help="train AdaptCLIP adapters, AnomalyCLIP prompts or MetaUAS on an auxiliary dataset",
         description="Train once on an auxiliary dataset (the papers train on VisA to test on "
         "MVTec AD and vice versa), then use the checkpoint zero-/few-shot on new domains "
         "with `--checkpoint`. Queries are the auxiliary test split (labels and masks are "
         "used); AdaptCLIP draws one normal prompt image per query from the train split. "
-        "Checkpoints are written every epoch; a rerun of the same command resumes.",
+        "MetaUAS uses only the normal train images: it trains on synthetic change pairs made "
+        "from them (paste, blend, deform). Checkpoints are written every epoch; a rerun of the same command resumes.",
     )
     p.add_argument("method", choices=METHODS)
     p.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "mpdd", "folder"])
@@ -36,9 +37,14 @@ def add_train_parser(sub: Any, _add_method_flags: Callable[..., None] | None = N
     )
     p.add_argument("--backbone", help="CLIP preset (see `anomalens list backbones`)")
     p.add_argument("--image-size", type=int, help="input size S")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, help="default: 15 (MetaUAS 30)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, help="default: 1e-3 (MetaUAS 1e-4, AdamW)")
+    p.add_argument(
+        "--encoder-weights",
+        help="MetaUAS: EfficientNet-B4 weights for the frozen encoder (timm or "
+        "efficientnet-pytorch state dict; default: random, warns)",
+    )
     p.add_argument("--seed", type=int, help="seed (default: the official one of the method)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-resume", action="store_true", help="start over (overwrites)")
@@ -72,11 +78,13 @@ def _run_dir(out: str) -> tuple[Path, Path | None]:
 
 def run_train(args: argparse.Namespace) -> int:
     run_dir, final = _run_dir(args.out)
+    if args.method == "metauas":
+        return _run_train_metauas(args, run_dir, final)
     test = collect_samples(args.dataset, args.root, args.categories, "test")
     common: dict[str, Any] = {
-        "epochs": args.epochs,
+        "epochs": 15 if args.epochs is None else args.epochs,
         "batch_size": args.batch_size,
-        "lr": args.lr,
+        "lr": 1e-3 if args.lr is None else args.lr,
         "device": args.device,
         "image_size": args.image_size,
         "resume": not args.no_resume,
@@ -113,9 +121,51 @@ def run_train(args: argparse.Namespace) -> int:
         f"trained {result.epochs} epochs (resumed after epoch {result.resumed_from}); "
         "losses per epoch: " + ", ".join(f"{x:.4f}" for x in result.epoch_losses)
     )
-    ckpt = result.checkpoint
+    _finish(result.checkpoint, final)
+    return 0
+
+
+def _finish(ckpt: Path, final: Path | None) -> None:
     if final is not None:
         atomic_write_bytes(final, ckpt.read_bytes())
         ckpt = final
     print(f"checkpoint: {ckpt}  (use it with --checkpoint {ckpt})")
+
+
+def _run_train_metauas(args: argparse.Namespace, run_dir: Path, final: Path | None) -> int:
+    from tqdm.auto import tqdm
+
+    from anomalens.training.metauas import train_metauas
+
+    normals = [
+        s
+        for s in collect_samples(args.dataset, args.root, args.categories, "train")
+        if s.label == 0
+    ]
+    bar = tqdm(desc="train metauas", unit="step", disable=args.quiet)
+
+    def on_step(row: dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", epoch=row["epoch"])
+
+    result = train_metauas(
+        [s.image_path for s in normals],
+        run_dir,
+        image_size=args.image_size or 256,
+        epochs=30 if args.epochs is None else args.epochs,
+        batch_size=args.batch_size,
+        lr=1e-4 if args.lr is None else args.lr,
+        seed=0 if args.seed is None else args.seed,
+        device=args.device,
+        resume=not args.no_resume,
+        encoder_weights=args.encoder_weights,
+        groups=[s.category for s in normals],
+        progress=on_step,
+    )
+    bar.close()
+    print(
+        f"trained {result.epochs} epochs (resumed after epoch {result.resumed_from}); losses per "
+        "epoch: " + ", ".join(f"{x:.4f}" for x in result.epoch_losses)
+    )
+    _finish(result.checkpoint, final)
     return 0
