@@ -6,9 +6,21 @@ from anomalens.registry import (
     list_detectors,
     register_detector,
 )
-from anomalens.types import LearningType, Prediction, Sample
 
 __version__ = "0.1.0"
+
+#: Names loaded on first use: ``anomalens.types`` imports torch, and ``anomalens.inference``
+#: (running exported models) must import without it.
+_LAZY_TYPES = ("LearningType", "Prediction", "Sample")
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_TYPES:
+        from anomalens import types
+
+        return getattr(types, name)
+    raise AttributeError(f"module 'anomalens' has no attribute {name!r}")
+
 
 __all__ = [
     "LearningType",
