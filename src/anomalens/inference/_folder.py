@@ -35,10 +35,20 @@ _JET = {
 }
 
 
+def _channel(points: tuple[tuple[float, float, float], ...], n: int) -> np.ndarray:
+    """Piecewise-linear channel sampled at n points, with the float operations in the order
+    matplotlib uses (so that rounding to uint8 lands on the same side of .5)."""
+    x = np.array([p[0] for p in points], dtype=float) * (n - 1)
+    y0 = np.array([p[1] for p in points], dtype=float)
+    y1 = np.array([p[2] for p in points], dtype=float)
+    xs = (n - 1) * np.linspace(0.0, 1.0, n)
+    ind = np.searchsorted(x, xs)[1:-1]
+    dist = (xs[1:-1] - x[ind - 1]) / (x[ind] - x[ind - 1])
+    return np.concatenate([[y1[0]], dist * (y0[ind] - y1[ind - 1]) + y1[ind - 1], [y0[-1]]])
+
+
 def _jet_table(n: int = 256) -> np.ndarray:
-    x = np.linspace(0.0, 1.0, n)
-    cols = [np.interp(x, [p[0] for p in _JET[c]], [p[1] for p in _JET[c]]) for c in _JET]
-    return np.stack(cols, axis=1)  # (n, 3) in [0, 1]
+    return np.clip(np.stack([_channel(_JET[c], n) for c in _JET], axis=1), 0.0, 1.0)
 
 
 _JET_TABLE = _jet_table()
