@@ -190,3 +190,35 @@ def test_threshold_object_is_stored_with_how_it_was_set(tmp_path: Path) -> None:
     assert inf.threshold == thr.to_dict()
     assert inf.pixel_threshold == 3.0 and inf.decide(2.6) == "anomalous"
     assert inf.decide(2.5) == "normal"
+
+
+def test_cli_export_fits_sets_the_threshold_and_refuses_musc(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from anomalens.cli.main import main
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, im in enumerate(_images(3, seed=1)):
+        Image.fromarray(im).save(good / f"{i}.png")
+    common = ["--backbone", "resnet18", "--weights", "random", "--image-size", "64"]
+    rc = main(
+        [
+            "export",
+            "--method",
+            "patchcore",
+            *common,
+            "--normal",
+            str(good),
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    meta = read_metadata(tmp_path / "m")
+    assert meta["threshold"]["method"] == "leave-one-out" and meta["settings"]["num_shots"] == 3
+    assert main(["export", "--method", "musc", *common, "--out", str(tmp_path / "x")]) == 1
+    assert "cannot be exported as one graph" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
