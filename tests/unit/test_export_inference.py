@@ -127,6 +127,7 @@ def test_heatmap_and_resize_equal_the_pytorch_path() -> None:
         np.testing.assert_allclose(resize_map(amap, h, w), torch_resize(amap, h, w), atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated in torch 2.14
 def test_openvino_and_torchscript_exports_match(fitted: dict[str, object], tmp_path: Path) -> None:
     pytest.importorskip(
         "openvino", reason="needs the openvino extra: pip install 'anomalens[openvino]'"
