@@ -9,17 +9,22 @@ from anomalens.registry import (
 
 __version__ = "0.1.0"
 
-#: Names loaded on first use: ``anomalens.types`` imports torch, and ``anomalens.inference``
-#: (running exported models) must import without it.
-_LAZY_TYPES = ("LearningType", "Prediction", "Sample")
+#: Names loaded on first use (name -> module): these modules import torch, and
+#: ``anomalens.inference`` (running exported models) must import without it.
+_LAZY = {
+    "LearningType": "anomalens.types",
+    "Prediction": "anomalens.types",
+    "Sample": "anomalens.types",
+}
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY_TYPES:
-        from anomalens import types
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anomalens' has no attribute {name!r}")
+    import importlib
 
-        return getattr(types, name)
-    raise AttributeError(f"module 'anomalens' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [

@@ -293,13 +293,14 @@ def _load_model_folder(path: str) -> Any:
     MODEL FILES PLUG IN HERE: ``anomalens.load_detector`` (issue 11 section 1) is written
     separately; until it is available, ``--model`` says so and ``--method/--normal`` fits.
     """
-    try:
-        from anomalens import load_detector  # type: ignore[attr-defined]
-    except ImportError:
+    import anomalens
+
+    load_detector = getattr(anomalens, "load_detector", None)
+    if load_detector is None:
         raise SystemExit(
             "error: --model needs model files (anomalens fit / load_detector), not in this "
             "version yet; fit and export in one step with --method M --normal DIR"
-        ) from None
+        )
     return load_detector(path)
 
 

@@ -304,7 +304,7 @@ def export_detector(
     calib: np.ndarray | None = None
     if quantize is not None and calibration_images is not None:
         if isinstance(calibration_images, (str, os.PathLike)):
-            calibration_images = list_images(calibration_images)
+            calibration_images = list_images(Path(calibration_images))
         if not calibration_images:
             raise ExportError("calibration_images is empty: give at least one normal image")
         calib = _as_uint8_batch(list(calibration_images), size, prep["interpolation"])

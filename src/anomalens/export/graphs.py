@@ -12,7 +12,7 @@ array that the PyTorch path normalises.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ class ExportError(ValueError):
 class _Normalize(nn.Module):
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 ``(x / 255 - mean) / std``, the same float32
     operations as ``to_batch``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -60,6 +63,9 @@ class _Graph(nn.Module):
 
 class PatchCoreGraph(_Graph):
     """PatchCore: CNN patch features -> exact k-NN distance to the memory bank (a constant)."""
+
+    bank: torch.Tensor
+    bank_sq: torch.Tensor
 
     def __init__(self, detector: Any) -> None:
         p = detector.extractor.preset
@@ -191,7 +197,7 @@ class FrozenClipGraph(_Graph):
         return out["image_score"], out["anomaly_map"]
 
 
-_GRAPHS: dict[str, type[_Graph]] = {
+_GRAPHS: dict[str, Callable[[Any], _Graph]] = {
     "patchcore": PatchCoreGraph,
     "mvg": MVGGraph,
     "winclip": WinCLIPGraph,

@@ -34,10 +34,10 @@ METADATA_FORMAT = "anomalens-export"
 #: Newest metadata format version this reader understands (anomalens.export writes it).
 METADATA_VERSION = 1
 _PIL_FILTERS = {
-    "bicubic": Image.BICUBIC,
-    "bilinear": Image.BILINEAR,
-    "nearest": Image.NEAREST,
-    "lanczos": Image.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 _REQUIRED = ("format", "format_version", "method", "runtime", "model_file", "image_size", "input")
 
