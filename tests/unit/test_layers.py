@@ -31,6 +31,8 @@ LAYERS: dict[str, int] = {
     "benchmark": 4,
     "training": 4,
     "demo": 4,
+    "export": 4,
+    "inference": 4,
     "service": 5,
     "cli": 5,
     "__main__": 5,

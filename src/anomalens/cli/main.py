@@ -1,4 +1,4 @@
-"""``anomalens`` command line: fit, predict, benchmark, synth, demo, list, weights, train."""
+"""``anomalens`` command line: fit, predict, export, benchmark, synth, demo, list, weights, train."""
 
 from __future__ import annotations
 
@@ -519,6 +519,87 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model_folder(path: str) -> Any:
+    """Load a saved model folder (``anomalens fit``) for ``export --model``.
+
+    MODEL FILES PLUG IN HERE: ``anomalens.load_detector`` (issue 11 section 1) is written
+    separately; until it is available, ``--model`` says so and ``--method/--normal`` fits.
+    """
+    import anomalens
+
+    load_detector = getattr(anomalens, "load_detector", None)
+    if load_detector is None:
+        raise SystemExit(
+            "error: --model needs model files (anomalens fit / load_detector), not in this "
+            "version yet; fit and export in one step with --method M --normal DIR"
+        )
+    return load_detector(path)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Fit (or load) a detector and export it as one graph + metadata.json."""
+    from anomalens.export import export_detector
+    from anomalens.thresholds import (
+        calibrate_leave_one_out,
+        calibrate_on_normals,
+        fixed_threshold,
+    )
+
+    graph_precision = args.precision or "fp32"
+    args.precision = None  # --precision is the exported graph's; the detector runs in fp32
+    thr = fixed_threshold(args.threshold, args.pixel_threshold) if args.threshold else None
+    if args.model:
+        if args.method or args.normal:
+            raise SystemExit("error: give either --model or --method/--normal, not both")
+        det = _load_model_folder(args.model)
+        thr = thr or getattr(det, "threshold", None)
+    else:
+        if not args.method:
+            raise SystemExit("error: give --model DIR, or --method M (with --normal DIR)")
+        from anomalens.data.io import load_image
+        from anomalens.registry import create_detector
+
+        kwargs = _method_kwargs(args)
+        shots = [load_image(p) for p in _images_of(args.normal, False)] if args.normal else []
+
+        def make() -> Any:
+            return create_detector(args.method, **kwargs)
+
+        det = make().fit(shots or None, category=args.object_name)
+        if thr is None and args.calibration:
+            normals = [load_image(p) for p in _images_of(args.calibration, False)]
+            thr = calibrate_on_normals(
+                det, normals, percentile=args.percentile or 99.0, margin=args.margin
+            )
+        elif thr is None and len(shots) >= 2:
+            thr = calibrate_leave_one_out(
+                make,
+                shots,
+                percentile=args.percentile or 100.0,
+                margin=args.margin,
+                category=args.object_name,
+            )
+    out = export_detector(
+        det,
+        args.out,
+        format=args.format,
+        threshold=thr,
+        precision=graph_precision,
+        quantize=args.quantize,
+        calibration_images=args.quantize_calibration,
+        overwrite=args.overwrite,
+    )
+    meta = json.loads((out / "metadata.json").read_text())
+    t = meta["threshold"]
+    how = "none" if t is None else "{:.6g} ({})".format(t["value"], t["method"])
+    size = meta["image_size"]
+    print(
+        f"{meta['method']} exported as {args.format} to {out} "
+        f"(input uint8 (N, {size}, {size}, 3); threshold {how})"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from anomalens.data.registry import list_datasets
@@ -699,6 +780,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_benchmark)
+
+    s = sub.add_parser(
+        "export",
+        help="export a fitted detector as one ONNX / OpenVINO / TorchScript graph",
+        description="Fit a detector on --normal (or load a saved --model) and write one graph "
+        "(uint8 images (N, S, S, 3) -> image score (N,), anomaly map (N, S, S)) plus "
+        "metadata.json (threshold, size, settings) into --out. Run it without PyTorch with "
+        "anomalens.inference (pip install 'anomalens[onnx]' or 'anomalens[openvino]'). "
+        "--precision is the exported graph's (fp16: GPU targets).",
+    )
+    s.add_argument("--model", help="saved model folder (anomalens fit) instead of --method")
+    _add_method_flags(s, default_method="")
+    s.add_argument("--normal", help="folder of k normal (good) images to fit on")
+    s.add_argument("--object-name", help="object name for prompt-based methods (WinCLIP)")
+    s.add_argument("--format", default="onnx", choices=["onnx", "openvino", "torchscript"])
+    s.add_argument("--out", required=True, help="output folder (written atomically)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--quantize", choices=["int8"], help="onnxruntime int8 quantisation (onnx)")
+    s.add_argument(
+        "--quantize-calibration",
+        help="folder of normal images for static int8 calibration (default: dynamic, weights only)",
+    )
+    t = s.add_argument_group("threshold stored in metadata.json")
+    t.add_argument("--threshold", type=float, help="fixed image-score threshold")
+    t.add_argument("--pixel-threshold", type=float, help="fixed pixel threshold for masks")
+    t.add_argument("--calibration", help="folder of extra normal images to calibrate on")
+    t.add_argument("--percentile", type=float, help="percentile of normal scores")
+    t.add_argument("--margin", type=float, default=1.0, help="multiplier on the percentile")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("synth", help="write a seeded synthetic defect dataset (MVTec layout)")
     s.add_argument("--out", required=True)

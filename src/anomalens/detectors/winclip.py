@@ -211,7 +211,9 @@ class WinCLIP(Detector):
         patches: list[torch.Tensor] = []
         windows: dict[int, list[torch.Tensor]] = {k: [] for k in self.scales}
         ln_post = self.backbone.model.visual.ln_post
-        for chunk in torch.split(x, self.batch_size):
+        # one chunk without a split: an exported graph (anomalens.export) has no chunk loop
+        chunks = [x] if x.shape[0] <= self.batch_size else torch.split(x, self.batch_size)
+        for chunk in chunks:
             toks = self.backbone.encode_image_tokens(chunk, layers=(last,)).final  # (b, 1+N, W)
             glob.append(self.backbone.project_tokens(toks[:, 0], ln_post=True))
             p = toks[:, 1:]
@@ -250,7 +252,14 @@ class WinCLIP(Detector):
         return {name: int(m.shape[0]) for name, m in self._memory.items()}
 
     def _predict(self, images: list[ImageLike]) -> Prediction:
-        feats = self.extract(images)
+        return self.score_features(self.extract(images))
+
+    def score_features(self, feats: WinclipFeatures) -> Prediction:
+        """Language (and, after ``fit(images)``, visual) scores of extracted features.
+
+        Returns:
+            Prediction: image_score (B,), anomaly_map (B, S, S) on the backbone device.
+        """
         protos = self.text_prototypes
         h, w = feats.grid_size
         n = h * w
