@@ -90,32 +90,53 @@ def _normalize(m: np.ndarray, vis_range: Any) -> np.ndarray:
     return np.clip((m - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def _shift_and(m: np.ndarray) -> np.ndarray:
+    """One binary erosion with the 4-neighbour cross, outside the image counted as False."""
+    p = np.pad(m, 1, constant_values=False)
+    return p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+
+
+def _shift_or(m: np.ndarray) -> np.ndarray:
+    """One binary dilation with the 4-neighbour cross."""
+    p = np.pad(m, 1, constant_values=False)
+    return p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+
+
 def overlay(
     image: np.ndarray,
     full_map: np.ndarray,
     *,
     vis_range: Any = None,
     mask: np.ndarray | None = None,
-    alpha: float = 0.5,
+    alpha: float = 0.6,
+    width: int = 2,
 ) -> np.ndarray:
-    """Heat map over an (H, W, 3) uint8 image, the predicted region outlined in white.
+    """The PyTorch path's overlay (``anomalens.viz.overlay.overlay``) in numpy alone.
+
+    A translucent heat map whose opacity grows with the value (up to ``alpha``), then the
+    predicted region's ``width``-pixel outline in white with a dark one-pixel halo outside it.
 
     Args:
         image: (H, W, 3) uint8.
         full_map: (H, W) map at the image's size.
         vis_range: (lo, hi) colour scale, or None for the map's own min/max.
         mask: (H, W) bool predicted region.
-        alpha: heat-map opacity.
     """
-    heat = heatmap_rgb(_normalize(full_map, vis_range))
-    out = (image.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(
-        np.uint8
-    )
-    if mask is not None and mask.any():
-        m = mask.astype(bool)
-        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
-        out[edge] = 255
-    return out
+    norm = _normalize(full_map, vis_range)
+    heat = heatmap_rgb(norm).astype(np.float32)
+    a = (np.clip(norm, 0.0, 1.0) * (255.0 * alpha) + 0.5).astype(np.uint8)
+    a = a[..., None].astype(np.float32) / 255.0
+    out = image.astype(np.float32) * (1.0 - a) + heat * a
+    if mask is not None and np.asarray(mask).any():
+        m = np.asarray(mask, dtype=bool)
+        inner = m
+        for _ in range(width):
+            inner = _shift_and(inner)
+        edge = m & ~inner
+        halo = _shift_or(edge) & ~m
+        out[halo] = out[halo] * (1.0 - 200 / 255.0)  # black at opacity 200/255
+        out[edge] = 255.0
+    return (out + 0.5).astype(np.uint8)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
