@@ -24,7 +24,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +223,27 @@ def _set_threshold(
     errors: list[dict[str, str]],
     category: str | None,
 ) -> Threshold | None:
-    """The run's threshold, or None when it is derived from the scored batch itself."""
+    """The run's threshold, or None when it is derived from the scored batch itself.
+
+    A fixed image threshold given without a pixel threshold keeps a calibrated pixel threshold
+    when normal images are there to set it (masks never use the image threshold then).
+    """
     if spec.fixed is not None:
-        return fixed_threshold(spec.fixed, spec.pixel_fixed)
+        pixel, source = spec.pixel_fixed, "user"
+        if pixel is None and (spec.calibration or shots):
+            calibrated = _set_threshold(
+                ThresholdSpec(calibration=spec.calibration, margin=spec.margin),
+                make_detector,
+                detector,
+                shots,
+                errors,
+                category,
+            )
+            if calibrated is not None:
+                pixel, source = calibrated.pixel_value, calibrated.method
+        thr = fixed_threshold(spec.fixed, pixel)
+        thr.details["pixel_source"] = source
+        return thr
     if spec.calibration:
         normals = [im for _, im in load_images_reporting(spec.calibration, errors)]
         return calibrate_on_normals(
@@ -628,7 +646,13 @@ def run_predict(
             raise ValueError("the detector is already fitted: give no normal images with it")
         thr = model_threshold
         if thr is None or spec.fixed is not None or spec.calibration:
+            saved_pixel = model_threshold.pixel_value if model_threshold is not None else None
+            if spec.fixed is not None and spec.pixel_fixed is None and saved_pixel is not None:
+                # only the image threshold changes: masks keep the model's pixel threshold
+                spec = replace(spec, pixel_fixed=saved_pixel)
             thr = _set_threshold(spec, lambda: detector, detector, [], errors, category)
+            if thr is not None and spec.pixel_fixed is not None and spec.pixel_fixed == saved_pixel:
+                thr.details["pixel_source"] = f"model ({model_threshold.method})"  # type: ignore[union-attr]
     elif make_detector is None:
         raise ValueError("run_predict needs make_detector or a fitted detector")
     else:
