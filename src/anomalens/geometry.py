@@ -394,7 +394,13 @@ def views_from_options(
     tile: int | None = None,
     tile_overlap: float | None = None,
 ) -> ImageViews:
-    """ImageViews from command-line style values (None: the default of each setting)."""
+    """ImageViews from command-line style values (None: the default of each setting).
+
+    Raises:
+        ValueError: a bad value, or ``tile_overlap`` without ``tile``.
+    """
+    if tile_overlap is not None and tile is None:
+        raise ValueError("tile_overlap applies to tiles: give the tile size too (--tile SIZE)")
     kw: dict[str, Any] = {}
     if resize is not None:
         kw["resize"] = resize

@@ -61,6 +61,8 @@ def test_settings_are_checked_and_round_trip() -> None:
     v = views_from_options("letterbox", "1,2,30,40", 32, 0.5)
     assert v == ImageViews(resize="letterbox", roi=(1, 2, 30, 40), tile=32, tile_overlap=0.5)
     assert ImageViews.from_dict(v.to_dict()) == v
+    with pytest.raises(ValueError, match="--tile SIZE"):
+        views_from_options(tile_overlap=0.5)
     with pytest.raises(ValueError, match="unknown view setting"):
         ImageViews.from_dict({"zoom": 2})
 
