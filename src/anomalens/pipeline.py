@@ -231,14 +231,17 @@ def _set_threshold(
     if spec.fixed is not None:
         pixel, source = spec.pixel_fixed, "user"
         if pixel is None and (spec.calibration or shots):
-            calibrated = _set_threshold(
-                ThresholdSpec(calibration=spec.calibration, margin=spec.margin),
-                make_detector,
-                detector,
-                shots,
-                errors,
-                category,
-            )
+            try:
+                calibrated = _set_threshold(
+                    ThresholdSpec(calibration=spec.calibration, margin=spec.margin),
+                    make_detector,
+                    detector,
+                    shots,
+                    errors,
+                    category,
+                )
+            except ValueError as exc:  # too few normal images to calibrate: the given value
+                calibrated, source = None, f"user (no pixel calibration: {exc})"
             if calibrated is not None:
                 pixel, source = calibrated.pixel_value, calibrated.method
         thr = fixed_threshold(spec.fixed, pixel)
