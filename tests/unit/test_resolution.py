@@ -262,3 +262,17 @@ def test_model_files_with_embedded_cnn_weights_record_their_preset(tmp_path):
     with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert meta[PRESET_METADATA_KEY] == "resnet18"
+
+
+def test_a_fixed_threshold_with_one_shot_falls_back_to_the_given_value(wide, tmp_path):
+    good, incoming = wide
+    s = run_predict(
+        lambda: create_detector("toy"),
+        sorted(incoming.iterdir()),
+        tmp_path / "r",
+        normal_paths=sorted(good.iterdir())[:1],
+        threshold=ThresholdSpec(fixed=0.05),
+        progress=False,
+    )
+    assert s.threshold.pixel_threshold == 0.05
+    assert s.threshold.details["pixel_source"].startswith("user (no pixel calibration")
