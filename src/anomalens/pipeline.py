@@ -223,30 +223,9 @@ def _set_threshold(
     errors: list[dict[str, str]],
     category: str | None,
 ) -> Threshold | None:
-    """The run's threshold, or None when it is derived from the scored batch itself.
-
-    A fixed image threshold given without a pixel threshold keeps a calibrated pixel threshold
-    when normal images are there to set it (masks never use the image threshold then).
-    """
+    """The run's threshold, or None when it is derived from the scored batch itself."""
     if spec.fixed is not None:
-        pixel, source = spec.pixel_fixed, "user"
-        if pixel is None and (spec.calibration or shots):
-            try:
-                calibrated = _set_threshold(
-                    ThresholdSpec(calibration=spec.calibration, margin=spec.margin),
-                    make_detector,
-                    detector,
-                    shots,
-                    errors,
-                    category,
-                )
-            except ValueError as exc:  # too few normal images to calibrate: the given value
-                calibrated, source = None, f"user (no pixel calibration: {exc})"
-            if calibrated is not None:
-                pixel, source = calibrated.pixel_value, calibrated.method
-        thr = fixed_threshold(spec.fixed, pixel)
-        thr.details["pixel_source"] = source
-        return thr
+        return fixed_threshold(spec.fixed, spec.pixel_fixed)
     if spec.calibration:
         normals = [im for _, im in load_images_reporting(spec.calibration, errors)]
         return calibrate_on_normals(

@@ -163,23 +163,9 @@ def test_leave_one_out_sets_the_pixel_threshold_from_the_normal_maps() -> None:
     assert thr.pixel_value != thr.value
 
 
-def test_a_fixed_image_threshold_keeps_a_calibrated_pixel_threshold(wide, tmp_path):
+def test_a_fixed_image_threshold_keeps_the_models_pixel_threshold(wide, tmp_path):
     good, incoming = wide
     normals, images = sorted(good.iterdir()), sorted(incoming.iterdir())
-    fresh = run_predict(
-        lambda: create_detector("toy"),
-        images,
-        tmp_path / "r",
-        normal_paths=normals,
-        threshold=ThresholdSpec(fixed=0.05),
-        progress=False,
-    )
-    loo = calibrate_leave_one_out(
-        lambda: create_detector("toy"), [np.asarray(Image.open(p)) for p in normals]
-    )
-    assert fresh.threshold.value == 0.05
-    assert fresh.threshold.pixel_threshold == pytest.approx(loo.pixel_value)
-    assert fresh.threshold.details["pixel_source"] == "leave-one-out"
     # a saved model keeps its pixel threshold when only the image threshold changes
     pc = lambda: create_detector(  # noqa: E731
         "patchcore", backbone="resnet18", weights="random", image_size=32
@@ -262,17 +248,3 @@ def test_model_files_with_embedded_cnn_weights_record_their_preset(tmp_path):
     with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert meta[PRESET_METADATA_KEY] == "resnet18"
-
-
-def test_a_fixed_threshold_with_one_shot_falls_back_to_the_given_value(wide, tmp_path):
-    good, incoming = wide
-    s = run_predict(
-        lambda: create_detector("toy"),
-        sorted(incoming.iterdir()),
-        tmp_path / "r",
-        normal_paths=sorted(good.iterdir())[:1],
-        threshold=ThresholdSpec(fixed=0.05),
-        progress=False,
-    )
-    assert s.threshold.pixel_threshold == 0.05
-    assert s.threshold.details["pixel_source"].startswith("user (no pixel calibration")
