@@ -81,7 +81,7 @@ _REQUIRED_KEYS = (
     "tensors_sha256",
     "versions",
 )
-_OPTIONAL_KEYS = ("created", "note")
+_OPTIONAL_KEYS = ("created", "note", "views")
 _BACKBONE_KEYS = {"kind", "name", "weights", "sha256", "embedded", "option", "architecture"}
 _UPGRADE = "pip install -U anomalens"
 #: largest expansion accepted for a deflated member of a .anomalens zip
@@ -347,6 +347,11 @@ def save_detector(
     import anomalens
 
     out = Path(path)
+    # a detector scoring views (anomalens.geometry): the wrapped one is saved, the views beside it
+    views = getattr(detector, "views", None)
+    if views is not None and hasattr(detector, "inner"):
+        detector.inner.num_shots, detector.inner.category = detector.num_shots, detector.category
+        detector = detector.inner
     name = detector.name
     if not detector.is_fitted:
         raise ModelFileError(
@@ -396,7 +401,15 @@ def save_detector(
             tensors[f"backbone.{k}"] = v
         backbone.update(embedded=True, option="backbone", architecture=arch, kind=kind)
         options.pop("backbone", None)
-    payload = st_save(tensors, metadata={"format": FORMAT})
+    metadata = {"format": FORMAT}
+    if embed_weights:
+        from anomalens.backbones.cnn import preset_metadata
+        from anomalens.backbones.presets import CNNPreset
+
+        preset = getattr(module, "preset", None)
+        if isinstance(preset, CNNPreset):  # the preprocessing the embedded CNN weights expect
+            metadata.update(preset_metadata(preset))
+    payload = st_save(tensors, metadata=metadata)
     cfg = detector.config()
     if not _json_ok(cfg):
         cfg = json.loads(json.dumps(cfg, default=str))
@@ -419,6 +432,8 @@ def save_detector(
         "versions": {"anomalens": anomalens.__version__, "torch": torch.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if views is not None:
+        info["views"] = views.to_dict()
     if not state:
         info["note"] = (
             f"{name} has no fitted state: this file stores its settings only; scores are "
@@ -760,6 +775,14 @@ def load_model(
             f"{MODEL_JSON} of model {path}: 'threshold' must be null or an object with "
             "'value' and 'method'; save the model again"
         )
+    if info.get("views") is not None:
+        from anomalens.geometry import ImageViews, with_views
+
+        try:
+            views = ImageViews.from_dict(info["views"])
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{MODEL_JSON} of model {path}: 'views': {exc}") from exc
+        detector = with_views(detector, views)
     return SavedModel(detector=detector, threshold=thr, path=p, info=info)
 
 

@@ -24,7 +24,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -651,7 +651,18 @@ def run_predict(
         thr = model_threshold
         fitted = detector
         if thr is None or spec.fixed is not None or spec.calibration:
+            saved_pixel = model_threshold.pixel_value if model_threshold is not None else None
+            if spec.fixed is not None and spec.pixel_fixed is None and saved_pixel is not None:
+                # only the image threshold changes: masks keep the model's pixel threshold
+                spec = replace(spec, pixel_fixed=saved_pixel)
             thr = _set_threshold(spec, lambda: fitted, fitted, [], errors, category)
+            if (
+                thr is not None
+                and model_threshold is not None
+                and spec.pixel_fixed is not None
+                and spec.pixel_fixed == saved_pixel
+            ):
+                thr.details["pixel_source"] = f"model ({model_threshold.method})"
     elif make_detector is None:
         raise ValueError("run_predict needs make_detector or a fitted detector")
     else:

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "detectors": 2,
     "registry": 3,
     "model_file": 3,
+    "geometry": 3,
     "__init__": 3,
     "thresholds": 4,
     "results": 4,

@@ -11,9 +11,11 @@ switches the stride-2 convolutions to TensorFlow "SAME" padding, and returns a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,20 +32,131 @@ from anomalens.data.io import ImageLike
 from anomalens.data.transforms import to_batch
 
 __all__ = [
+    "PRESET_METADATA_KEY",
     "RANDOM_WEIGHTS",
     "CNNFeatureExtractor",
     "TFSameConv2d",
     "apply_tf_padding",
+    "check_weights_preset",
     "cnn_extractor",
     "create_cnn_backbone",
     "load_cnn_state_dict",
+    "preset_metadata",
     "read_state_dict",
+    "weights_preprocessing",
 ]
 
 #: ``weights`` value that keeps a seeded random initialisation (for tests only: the features
 #: of an untrained network carry no useful information about anomalies).
 RANDOM_WEIGHTS = "random"
 _ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+#: safetensors metadata key naming the preset (preprocessing) a weight file expects; written into
+#: the files anomalens writes (``preset_metadata``) and checked on load.
+PRESET_METADATA_KEY = "anomalens_preset"
+#: Weight files known without metadata of ours: sha256 -> (size in bytes, preset they expect).
+_KNOWN_WEIGHTS: dict[str, tuple[int, str]] = {
+    # ../shared/weights/mobilenet_v2_imagenet_int8dequant.safetensors (TFLite-derived, [-1, 1])
+    "66bbbb4a01d98f92fe9c2e5e20d234bb243c3a3f7033c0a8d47d55acae794555": (
+        14_187_728,
+        "mobilenet_v2_tf",
+    ),
+}
+_MINUS_ONE_ONE = re.compile(r"\[\s*-\s*1(\.0*)?\s*,\s*1(\.0*)?\s*\]")
+
+
+def preset_metadata(preset: CNNPreset) -> dict[str, str]:
+    """safetensors metadata recording the preprocessing a weight file expects.
+
+    Returns:
+        ``{"anomalens_preset": name, "anomalens_mean": ..., "anomalens_std": ...}``.
+    """
+    return {
+        PRESET_METADATA_KEY: preset.name,
+        "anomalens_mean": ",".join(f"{v:.8g}" for v in preset.mean),
+        "anomalens_std": ",".join(f"{v:.8g}" for v in preset.std),
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_preprocessing(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
+    """What input scaling a weight file expects, when the file says so or is a known one.
+
+    Reads only the safetensors header (metadata), and hashes the file only when its size is
+    that of a known file.
+
+    Returns:
+        (preset name or None, ``"[-1,1]"`` when the metadata says inputs are scaled to [-1, 1],
+        else None).
+    """
+    p = Path(path)
+    preset: str | None = None
+    scaling: str | None = None
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # unreadable header: read_state_dict reports it with the file name
+            meta = {}
+        preset = meta.get(PRESET_METADATA_KEY) or None
+        if _MINUS_ONE_ONE.search(meta.get("preprocessing", "")):
+            scaling = "[-1,1]"
+    if preset is None:
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return None, scaling
+        if any(size == n for n, _ in _KNOWN_WEIGHTS.values()):
+            known = _KNOWN_WEIGHTS.get(_file_sha256(p))
+            preset = known[1] if known else None
+    return preset, scaling
+
+
+def check_weights_preset(preset: CNNPreset, path: str | os.PathLike[str]) -> str | None:
+    """Warn when a weight file expects other preprocessing than ``preset`` gives it.
+
+    A file that names its preset (``anomalens_preset`` metadata, or a known file by sha256)
+    with another mean/std, or whose metadata says inputs are scaled to [-1, 1] while the
+    preset normalises otherwise, gets a ``UserWarning`` naming the preset to use.
+
+    Returns:
+        The warning text, or None when nothing is wrong or nothing is known.
+    """
+    expected, scaling = weights_preprocessing(path)
+    msg: str | None = None
+    if expected is not None and expected != preset.name:
+        try:
+            other = get_cnn_preset(expected)
+        except (KeyError, ValueError):
+            other = None
+        if other is None or (other.mean, other.std) != (preset.mean, preset.std):
+            msg = (
+                f"weights {os.fspath(path)} were made for backbone preset {expected!r}, but "
+                f"{preset.name!r} feeds them inputs normalised with mean {preset.mean} and "
+                f"std {preset.std}: features will be wrong. Use --backbone {expected}"
+            )
+    elif (
+        expected is None
+        and scaling == "[-1,1]"
+        and (preset.mean != (0.5, 0.5, 0.5) or preset.std != (0.5, 0.5, 0.5))
+    ):
+        msg = (
+            f"weights {os.fspath(path)} expect inputs scaled to [-1, 1] (their metadata says "
+            f"so), but backbone preset {preset.name!r} normalises with mean {preset.mean} and "
+            f"std {preset.std}: features will be wrong. Use a [-1, 1] preset "
+            "(e.g. --backbone mobilenet_v2_tf)"
+        )
+    if msg is not None:
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return msg
 
 
 class TFSameConv2d(nn.Conv2d):
@@ -187,7 +300,9 @@ def load_cnn_state_dict(
             ) from None
     else:
         source = weights
-    return read_state_dict(resolve_weights(source))
+    path = resolve_weights(source)
+    check_weights_preset(preset, path)
+    return read_state_dict(path)
 
 
 class CNNFeatureExtractor(nn.Module):

@@ -94,6 +94,44 @@ def _add_method_flags(
         metavar="KEY=VALUE",
         help="any other detector option (JSON values), repeatable, e.g. --option k=3",
     )
+    v = p.add_argument_group("image geometry (every method; see docs/resolution.md)")
+    v.add_argument(
+        "--resize",
+        choices=["squash", "letterbox"],
+        help="how an image (or tile) becomes S x S: squash (aspect ratio lost) or letterbox "
+        "(aspect ratio kept, padded) (default: squash)",
+    )
+    v.add_argument(
+        "--roi",
+        metavar="X,Y,W,H",
+        help="score only this rectangle of each image, in pixels (default: the whole image)",
+    )
+    v.add_argument(
+        "--tile",
+        type=int,
+        metavar="SIZE",
+        help="cut each image into SIZE x SIZE pixel tiles scored as a batch, maps stitched "
+        "(default: no tiling)",
+    )
+    v.add_argument(
+        "--tile-overlap",
+        type=float,
+        metavar="F",
+        help="overlap of neighbouring tiles, a fraction of SIZE in [0, 1) (default: 0.25)",
+    )
+
+
+def _image_views(args: argparse.Namespace) -> Any:
+    """The ImageViews of --resize / --roi / --tile / --tile-overlap (None: none given)."""
+    given = [getattr(args, k, None) for k in ("resize", "roi", "tile", "tile_overlap")]
+    if all(x is None for x in given):
+        return None
+    from anomalens.geometry import views_from_options
+
+    try:
+        return views_from_options(*given)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -186,8 +224,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.object_name and args.class_names:
         raise SystemExit("error: give either --object-name or --class-names, not both")
 
+    views = _image_views(args)
+
     def make_detector() -> Any:
-        return create_detector(args.method, **kwargs)
+        from anomalens.geometry import with_views
+
+        return with_views(create_detector(args.method, **kwargs), views)
 
     if args.groups:  # one memory and threshold per sub-folder of --images / --normal
         summaries = run_predict_groups(
@@ -233,6 +275,11 @@ def _predict_pairs(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
 
     if args.pairs and args.reference_dir:
         raise SystemExit("error: give either --pairs or --reference-dir, not both")
+    if _image_views(args) is not None:
+        raise SystemExit(
+            "error: --resize, --roi, --tile and --tile-overlap apply to --images runs; a "
+            "reference-based run compares each image with its own reference as they are"
+        )
     if args.groups or args.normal or args.calibration:
         raise SystemExit(
             "error: a reference-based run takes each image's own reference: --groups, --normal "
@@ -315,6 +362,11 @@ def _predict_with_model(args: argparse.Namespace) -> int:
 
     given = [f"--{f.replace('_', '-')}" for f in _MODEL_FIXED if getattr(args, f, None)]
     given += ["--tf-padding"] if getattr(args, "tf_padding", False) else []
+    given += [
+        f"--{f.replace('_', '-')}"
+        for f in ("resize", "roi", "tile", "tile_overlap")
+        if getattr(args, f, None) is not None
+    ]
     given += ["--normal"] if args.normal else []
     given += ["--object-name"] if args.object_name else []
     given += ["--class-names"] if args.class_names else []
@@ -395,8 +447,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.object_name and args.class_names:
         raise SystemExit("error: give either --object-name or --class-names, not both")
 
+    views = _image_views(args)
+
     def make_detector() -> Any:
-        return create_detector(args.method, **kwargs)
+        from anomalens.geometry import with_views
+
+        return with_views(create_detector(args.method, **kwargs), views)
 
     if args.groups:
         if not args.normal:
@@ -444,6 +500,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from anomalens.benchmark.runner import BenchmarkConfig, run_benchmark
 
+    if _image_views(args) is not None:
+        raise SystemExit(
+            "error: --resize, --roi, --tile and --tile-overlap are not yet supported by "
+            "`anomalens benchmark` (benchmarks/resolution_magnetic_tile.py compares them)"
+        )
     cfg = BenchmarkConfig(
         method=args.method,
         dataset=args.dataset,
