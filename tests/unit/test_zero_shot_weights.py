@@ -296,3 +296,46 @@ def test_cli_untrained_runs_are_marked_and_missing_files_fail_first(
     assert run["settings"]["detector"]["untrained"] is True
     assert "UNTRAINED" in run["settings"]["detector"]["warning"]
     assert "UNTRAINED AnomalyCLIP" in (tmp_path / "c" / "report.html").read_text()
+
+
+class _Built(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "expected"),
+    [
+        ("adaptclip", {}, "adaptclip-visa"),  # MVTec AD: the VisA-trained checkpoint
+        ("anomalyclip", {}, "anomalyclip-visa"),
+        ("anomalyclip", {"checkpoint": "mine.pth"}, "mine.pth"),  # given: kept
+        ("anomalyclip", {"untrained": True}, None),
+        ("patchcore", {}, None),
+    ],
+)
+def test_benchmark_on_mvtec_uses_the_checkpoint_trained_on_visa(
+    synthetic_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    options: dict,
+    expected: str | None,
+) -> None:
+    from anomalens.benchmark import runner
+
+    seen: dict = {}
+
+    def fake_create(name: str, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise _Built
+
+    monkeypatch.setattr(runner, "create_detector", fake_create)
+    cfg = runner.BenchmarkConfig(
+        method=method,
+        dataset="mvtec",
+        root=str(synthetic_root),
+        out=str(tmp_path / "bench"),
+        method_kwargs=dict(options),
+    )
+    with pytest.raises(_Built):
+        runner.run_benchmark(cfg, progress=False)
+    assert seen.get("checkpoint") == expected
