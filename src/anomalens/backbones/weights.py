@@ -41,6 +41,7 @@ __all__ = [
     "cache_dir",
     "check_reachable",
     "check_weight_file",
+    "connect_timeout",
     "git_blob_sha1_file",
     "is_offline",
     "names_in_cache_only",
