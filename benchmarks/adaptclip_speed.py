@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         backbone = build_backbone(args.backbone, args.random_weights, precision, args.device)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="AdaptCLIP adapters are untrained")
-            det = AdaptCLIP(backbone, device=args.device, seed=0)
+            det = AdaptCLIP(backbone, device=args.device, seed=0, untrained=True)
         size = det.image_size
         images = synthetic_images(args.n_images, size, seed=1)
         prompt = synthetic_images(1, size, seed=2)

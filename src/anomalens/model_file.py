@@ -704,6 +704,7 @@ def load_model(
             cannot be fetched (offline); the message names the command that fetches them.
     """
     from anomalens.registry import (
+        _constructor_params,
         _factory_options,
         check_options,
         create_detector,
@@ -740,7 +741,9 @@ def load_model(
         with warnings.catch_warnings():
             # adapters / prompts are untrained until the saved state is loaded below
             warnings.filterwarnings("ignore", message=".*untrained.*", category=UserWarning)
-            detector = create_detector(method, **opts)
+            # the saved state replaces the adapters / prompts: build without fetching any
+            untrained = {"untrained": True} if "untrained" in _constructor_params(cls) else {}
+            detector = create_detector(method, **{**opts, **untrained})
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"model {p}: the detector cannot be rebuilt: {exc}") from exc
     detector.init_options = {**opts, **state_options}

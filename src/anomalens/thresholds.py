@@ -6,7 +6,10 @@ Three policies, each recorded with the results (``Threshold.to_dict``):
 * ``normal-folder``: score a separate folder of normal images with the fitted detector and take
   a percentile of their scores (times an optional margin).
 * ``batch-robust`` (batch zero-shot methods such as MuSc, with no normal image): the scored
-  batch itself, assumed mostly normal (MuSc's own premise): median + k · 1.4826 · MAD.
+  batch itself, assumed mostly normal (MuSc's own premise): median + k · 1.4826 · MAD. The
+  assumption is checked (:func:`check_mostly_normal`): a batch whose scores split into two
+  well-separated groups with a large upper group, or with many images beyond the threshold,
+  gets a warning in the log and in the threshold's details (run.json, report).
 * ``leave-one-out``: with k >= 2 shots, fit on k-1 shots and score the held-out one, k times;
   the threshold is a percentile of those k held-out scores (default: the maximum) times a margin.
   For zero-shot detectors the k shots are simply scored (nothing to leave out).
@@ -17,6 +20,7 @@ normal images' anomaly maps.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,8 +37,18 @@ __all__ = [
     "calibrate_leave_one_out",
     "calibrate_on_normals",
     "check_finite_threshold",
+    "check_mostly_normal",
     "fixed_threshold",
 ]
+
+
+log = logging.getLogger(__name__)
+
+#: What the batch-robust threshold assumes, recorded with it.
+BATCH_ASSUMPTION = (
+    "mostly normal batch: well over half of the images are normal, so the median and MAD of "
+    "the scores describe normal images"
+)
 
 
 @dataclass
@@ -228,10 +242,108 @@ def batch_robust_threshold(scores: np.ndarray, maps: np.ndarray, *, k: float = 3
         pix = np.random.default_rng(0).choice(pix, 1_000_000, replace=False)
     pixel_value = rule(pix)
     lo = float(np.percentile(pix, 1.0))
+    value = rule(scores)
+    check = check_mostly_normal(scores, value)
+    details: dict[str, Any] = {
+        "k": k,
+        "num_scores": int(scores.size),
+        "rule": "median + k*1.4826*MAD",
+        "assumes": BATCH_ASSUMPTION,
+        "assumption_check": {key: v for key, v in check.items() if key != "warning"},
+    }
+    if check.get("warning"):
+        details["warning"] = check["warning"]
+        log.warning("batch-robust threshold: %s", check["warning"])
     return Threshold(
-        value=rule(scores),
+        value=value,
         pixel_value=pixel_value,
         method="batch-robust",
-        details={"k": k, "num_scores": int(scores.size), "rule": "median + k*1.4826*MAD"},
+        details=details,
         vis_range=(lo, max(2.0 * pixel_value - lo, pixel_value + 1e-6)),
     )
+
+
+def _two_groups(scores: np.ndarray) -> tuple[int, float]:
+    """Best split of sorted scores into a low and a high group (Otsu: largest between-group
+    variance) and the separation of the groups as Ashman's D.
+
+    Args:
+        scores: (N,) sorted scores, N >= 4.
+
+    Returns:
+        (size of the high group, D); D > 2 means two clearly separated groups.
+    """
+    n = scores.size
+    best, cut = -1.0, n // 2
+    for i in range(2, n - 1):  # at least 2 scores per group
+        lo, hi = scores[:i], scores[i:]
+        between = i * (n - i) * (hi.mean() - lo.mean()) ** 2
+        if between > best:
+            best, cut = between, i
+    lo, hi = scores[:cut], scores[cut:]
+    spread = math.sqrt(float(lo.var() + hi.var()))
+    d = math.sqrt(2.0) * float(hi.mean() - lo.mean()) / max(spread, 1e-12)
+    return n - cut, d
+
+
+def check_mostly_normal(
+    scores: np.ndarray,
+    threshold: float,
+    *,
+    max_flagged: float = 0.4,
+    min_separation: float = 4.5,
+    min_high_group: float = 0.25,
+) -> dict[str, Any]:
+    """Check the batch-robust threshold's assumption (a mostly normal batch) on its scores.
+
+    Signs that it does not hold: more than ``max_flagged`` of the images lie beyond the
+    threshold; or the scores split into two well-separated groups (Ashman's D of the best
+    two-group split >= ``min_separation``; a single Gaussian batch of 40 gives D < 4 in 99 % of
+    draws) whose upper group holds at least ``min_high_group`` of the images while the
+    threshold flags fewer than half of that group (a largely defective batch pulls the median
+    and MAD up, and the threshold above most of its defects). A batch with no image flagged at
+    all is reported too: from the scores alone an all-normal batch cannot be told from a
+    largely defective one whose scores overlap the normal ones (a 60 %-defective batch gives
+    none flagged as well), so the user has to look.
+
+    Args:
+        scores: (N,) image scores of the batch.
+        threshold: the batch-robust threshold.
+
+    Returns:
+        ``flagged_fraction``, ``high_group_fraction``, ``separation`` (Ashman's D) and, when
+        the assumption looks violated, ``warning`` (one sentence for the user).
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
+    n = s.size
+    flagged = int((s > threshold).sum())
+    out: dict[str, Any] = {"flagged_fraction": flagged / max(n, 1)}
+    if n >= 6:
+        high, d = _two_groups(s)
+        out.update({"high_group_fraction": high / n, "separation": d})
+    else:
+        high, d = 0, 0.0
+    problems = []
+    if flagged == 0 and n >= 10 and not (d >= min_separation and high >= min_high_group * n):
+        out["warning"] = (
+            f"no image of {n} lies beyond it. It assumes a {BATCH_ASSUMPTION.split(':')[0]} "
+            "with defects as outliers, and cannot tell an all-normal batch from a largely "
+            "defective one whose scores overlap the normal ones. Check the score histogram in "
+            "the report, or set the threshold from normal images (--calibration DIR) or "
+            "--threshold VALUE"
+        )
+        return out
+    if flagged / max(n, 1) > max_flagged:
+        problems.append(f"{flagged} of {n} images lie beyond it")
+    if d >= min_separation and high >= min_high_group * n and flagged < high / 2:
+        problems.append(
+            f"the scores form two separate groups (Ashman's D {d:.1f}) whose upper group holds "
+            f"{high} of {n} images, yet only {flagged} are flagged"
+        )
+    if problems:
+        out["warning"] = (
+            f"it assumes a {BATCH_ASSUMPTION.split(':')[0]}, but {' and '.join(problems)}: the "
+            "batch may be largely defective. Check the score histogram in the report, or set "
+            "the threshold from normal images (--calibration DIR) or --threshold VALUE"
+        )
+    return out

@@ -134,7 +134,7 @@ def run_learning_experiment(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="AdaptCLIP adapters are untrained")
         for seed in init_seeds:
-            det = AdaptCLIP(backbone, seed=seed, batch_size=32)
+            det = AdaptCLIP(backbone, seed=seed, batch_size=32, untrained=True)
             out[f"untrained_{seed}"] = {
                 "zero": evaluate(det, test, 0),
                 "one": evaluate(det, test, 1),

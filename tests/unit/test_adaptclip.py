@@ -303,7 +303,7 @@ def detector(tiny_backbone):  # type: ignore[no-untyped-def]
     from anomalens.detectors.adaptclip import AdaptCLIP
 
     with pytest.warns(UserWarning, match="untrained"):
-        return AdaptCLIP(tiny_backbone, batch_size=2, sigma=1.0)
+        return AdaptCLIP(tiny_backbone, batch_size=2, sigma=1.0, untrained=True)
 
 
 def test_registry_and_config(detector) -> None:  # type: ignore[no-untyped-def]
@@ -384,16 +384,16 @@ def test_untrained_adapters_are_seeded(tiny_backbone) -> None:  # type: ignore[n
     from anomalens.detectors.adaptclip import AdaptCLIP
 
     with pytest.warns(UserWarning):
-        a = AdaptCLIP(tiny_backbone, seed=7)
-        b = AdaptCLIP(tiny_backbone, seed=7)
-        c = AdaptCLIP(tiny_backbone, seed=8)
+        a = AdaptCLIP(tiny_backbone, seed=7, untrained=True)
+        b = AdaptCLIP(tiny_backbone, seed=7, untrained=True)
+        c = AdaptCLIP(tiny_backbone, seed=8, untrained=True)
     sa, sb, sc = a.adapters.state_dict(), b.adapters.state_dict(), c.adapters.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(
         sa["visual.local_adapter.fc1.weight"], sc["visual.local_adapter.fc1.weight"]
     )
     with pytest.raises(ValueError, match="layers"):
-        AdaptCLIP(tiny_backbone, layers=(1, 9))
+        AdaptCLIP(tiny_backbone, layers=(1, 9), untrained=True)
 
 
 def test_config_reports_the_precision_the_given_backbone_runs_in() -> None:
@@ -402,7 +402,7 @@ def test_config_reports_the_precision_the_given_backbone_runs_in() -> None:
 
     bb = make_tiny_clip(seed=0, image_size=64, precision="bf16")
     with pytest.warns(UserWarning, match="untrained"):
-        det = AdaptCLIP(bb)  # precision option left at its default "fp32"
+        det = AdaptCLIP(bb, untrained=True)  # precision option left at its default "fp32"
     assert det.config()["precision"] == "bf16"
 
 

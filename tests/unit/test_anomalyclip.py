@@ -44,7 +44,7 @@ def _detector(tiny: ClipBackbone, **kwargs: Any) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return AnomalyCLIP(tiny, **kwargs)
+        return AnomalyCLIP(tiny, **{"untrained": "checkpoint" not in kwargs, **kwargs})
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -230,7 +230,7 @@ def test_detector_predict_shapes_registry_and_config(tiny: ClipBackbone) -> None
 
     assert "anomalyclip" in list_detectors()
     with pytest.warns(UserWarning, match="untrained"):
-        det = create_detector("anomalyclip", backbone=tiny)
+        det = create_detector("anomalyclip", backbone=tiny, untrained=True)
     assert det.learning_type is LearningType.ZERO_SHOT
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (50 + 10 * i, 70, 3), dtype=np.uint8) for i in range(3)]
@@ -296,5 +296,5 @@ def test_config_reports_the_precision_the_given_backbone_runs_in() -> None:
 
     bb = make_tiny_clip(seed=0, image_size=64, precision="bf16")
     with pytest.warns(UserWarning, match="untrained"):
-        det = AnomalyCLIP(bb)  # precision option left at its default "fp32"
+        det = AnomalyCLIP(bb, untrained=True)  # precision option left at its default "fp32"
     assert det.config()["precision"] == "bf16"

@@ -150,7 +150,7 @@ def run_transfer(
     out: dict[str, list[tuple[float, float, float]]] = {"untrained": [], "trained": []}
     for seed in seeds:
         with pytest.warns(UserWarning, match="untrained"):
-            untrained = AnomalyCLIP(backbone, seed=seed)
+            untrained = AnomalyCLIP(backbone, seed=seed, untrained=True)
         out["untrained"].append(_evaluate_per_category(untrained, test))
         config = AnomalyCLIPTrainConfig(
             epochs=epochs, lr=0.01, batch_size=8, seed=seed, cache_features=True, resume=False

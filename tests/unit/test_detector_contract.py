@@ -36,8 +36,12 @@ BUILDERS: dict[str, Callable[[], Detector]] = {
     ),
     "mvg": lambda: create_detector("mvg", backbone="resnet18", weights="random", image_size=64),
     "winclip": lambda: create_detector("winclip", backbone=_tiny_clip(), scales=(2,)),
-    "adaptclip": lambda: create_detector("adaptclip", backbone=_tiny_clip(), sigma=1.0),
-    "anomalyclip": lambda: create_detector("anomalyclip", backbone=_tiny_clip(), sigma=1.0),
+    "adaptclip": lambda: create_detector(
+        "adaptclip", backbone=_tiny_clip(), sigma=1.0, untrained=True
+    ),
+    "anomalyclip": lambda: create_detector(
+        "anomalyclip", backbone=_tiny_clip(), sigma=1.0, untrained=True
+    ),
     "refdiff": lambda: create_detector("refdiff", image_size=64, sigma=2.0),
     "metauas": lambda: create_detector("metauas", image_size=64, batch_size=4),
     "musc": lambda: create_detector(

@@ -44,8 +44,12 @@ BUILDERS: dict[str, Callable[[], Detector]] = {
     ),
     "mvg": lambda: create_detector("mvg", backbone="resnet18", weights="random", image_size=64),
     "winclip": lambda: create_detector("winclip", backbone=_tiny_clip(), scales=(2,)),
-    "adaptclip": lambda: create_detector("adaptclip", backbone=_tiny_clip(), sigma=1.0),
-    "anomalyclip": lambda: create_detector("anomalyclip", backbone=_tiny_clip(), sigma=1.0),
+    "adaptclip": lambda: create_detector(
+        "adaptclip", backbone=_tiny_clip(), sigma=1.0, untrained=True
+    ),
+    "anomalyclip": lambda: create_detector(
+        "anomalyclip", backbone=_tiny_clip(), sigma=1.0, untrained=True
+    ),
 }
 #: (method, fit with shots?) -- every exportable method, zero- and few-shot where both exist
 CASES = [

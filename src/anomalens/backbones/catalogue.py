@@ -1,13 +1,18 @@
 """Named weights that ``anomalens weights download NAME`` knows how to fetch.
 
-Each entry is data: a source (URL or ``hf-hub:`` id) and the file name in the cache folder.
+Each entry is data: a source (URL or ``hf-hub:`` id) and the file name in the cache folder,
+plus the digest a download is checked against where the publisher gives one.
+
+The official trained AdaptCLIP adapters and AnomalyCLIP prompts are listed too (``method`` and
+``trained_on`` set): :func:`default_checkpoint` picks the one trained on the other dataset family
+than the images to inspect, as the papers' cross-dataset protocol does.
 """
 
 from __future__ import annotations
 
 from anomalens.backbones.weight_spec import WeightSpec
 
-__all__ = ["WEIGHTS"]
+__all__ = ["WEIGHTS", "checkpoint_names", "default_checkpoint"]
 
 WEIGHTS: tuple[WeightSpec, ...] = (
     WeightSpec(
@@ -75,4 +80,67 @@ WEIGHTS: tuple[WeightSpec, ...] = (
         filename="metauas-512.ckpt",
         description="MetaUAS official weights, 512 px (VisA, GoodsAD); name not verified offline",
     ),
+    # Official trained checkpoints of the zero-shot CLIP methods (OpenAI ViT-L/14@336 backbone).
+    # AdaptCLIP: the Hugging Face repository its official code points to (no digest published;
+    # huggingface_hub checks the file against the hub's own sha256 while downloading).
+    WeightSpec(
+        name="adaptclip-mvtec",
+        source="hf-hub:csgaobb/AdaptCLIP/12_4_128_train_on_mvtec_3adapters_batch8/epoch_15.pth",
+        filename="adaptclip-train-on-mvtec-epoch_15.pth",
+        description="official AdaptCLIP adapters trained on MVTec AD (use on VisA and others)",
+        method="adaptclip",
+        trained_on="mvtec",
+    ),
+    WeightSpec(
+        name="adaptclip-visa",
+        source="hf-hub:csgaobb/AdaptCLIP/12_4_128_train_on_visa_3adapters_batch8/epoch_15.pth",
+        filename="adaptclip-train-on-visa-epoch_15.pth",
+        description="official AdaptCLIP adapters trained on VisA (use on MVTec AD)",
+        method="adaptclip",
+        trained_on="visa",
+    ),
+    # AnomalyCLIP: committed in its GitHub repository; verified by the git blob id.
+    WeightSpec(
+        name="anomalyclip-mvtec",
+        source="https://raw.githubusercontent.com/zqhang/AnomalyCLIP/main/checkpoints/"
+        "9_12_4_multiscale/epoch_15.pth",
+        filename="anomalyclip-train-on-mvtec-epoch_15.pth",
+        description="official AnomalyCLIP prompts trained on MVTec AD (use on VisA and others)",
+        git_blob_sha1="c90f1d9d92d158b436a8fc193f984d4cec8b1fc8",
+        method="anomalyclip",
+        trained_on="mvtec",
+    ),
+    WeightSpec(
+        name="anomalyclip-visa",
+        source="https://raw.githubusercontent.com/zqhang/AnomalyCLIP/main/checkpoints/"
+        "9_12_4_multiscale_visa/epoch_15.pth",
+        filename="anomalyclip-train-on-visa-epoch_15.pth",
+        description="official AnomalyCLIP prompts trained on VisA (use on MVTec AD)",
+        git_blob_sha1="72adc786e031b49ea288ba5f815f0d38cf158708",
+        method="anomalyclip",
+        trained_on="visa",
+    ),
 )
+
+
+def checkpoint_names(method: str) -> list[str]:
+    """Catalogue names of the official checkpoints of ``method`` (empty for other methods)."""
+    return [w.name for w in WEIGHTS if w.method == method]
+
+
+def default_checkpoint(method: str, dataset: str | None = None) -> str | None:
+    """The official checkpoint of ``method`` trained on the other dataset family.
+
+    The papers train on one family and test on the other: MVTec AD is inspected with the
+    VisA-trained checkpoint, everything else (VisA, your own images) with the MVTec-trained one.
+
+    Args:
+        method: detector name (``"adaptclip"``, ``"anomalyclip"``).
+        dataset: family of the images to inspect (``"mvtec"``, ``"visa"``...), None if unknown.
+
+    Returns:
+        A catalogue name, or None when the method has no official checkpoint.
+    """
+    want = "visa" if dataset is not None and dataset.lower() == "mvtec" else "mvtec"
+    found = [w.name for w in WEIGHTS if w.method == method and w.trained_on == want]
+    return found[0] if found else None

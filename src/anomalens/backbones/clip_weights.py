@@ -17,7 +17,15 @@ from pathlib import Path
 import open_clip
 
 from anomalens.backbones.catalogue import WEIGHTS
-from anomalens.backbones.weights import WeightNotAvailableError, is_offline, resolve_weights
+from anomalens.backbones.weights import (
+    WeightNotAvailableError,
+    check_reachable,
+    is_offline,
+    resolve_weights,
+)
+from anomalens.backbones.weights import (
+    cache_dir as anomalens_cache_dir,
+)
 
 __all__ = ["cached_tag_file", "resolve_clip_pretrained"]
 
@@ -88,14 +96,17 @@ def resolve_clip_pretrained(
     cached = cached_tag_file(tag_cfg, cache_dir)
     if cached is not None:
         return cached, tag_cfg
-    where = tag_cfg.get("hf_hub") or tag_cfg.get("url")
-    if is_offline():
+    where = str(tag_cfg.get("hf_hub") or tag_cfg.get("url") or "")
+    reason = "offline mode is on" if is_offline() else _unreachable(tag_cfg)
+    if reason is not None:
+        name = _download_name(tag_cfg)
         raise WeightNotAvailableError(
-            f"open_clip weights {model_name!r} / pretrained={pretrained!r} are not cached and "
-            f"offline mode is on. Fetch them on a connected machine ({where}), e.g. "
-            f"`python -c \"import open_clip; open_clip.create_model('{model_name}', "
-            f"pretrained='{pretrained}')\"` and copy the Hugging Face / ~/.cache/clip cache here, "
-            "or pass the checkpoint file path as pretrained=."
+            f"CLIP weights {model_name!r} / pretrained={pretrained!r} ({where}) are not cached "
+            f"and {reason}. Looked in the cache folder {anomalens_cache_dir()} (set ANOMALENS_CACHE to "
+            f"change it) and the Hugging Face / ~/.cache/clip caches. On a machine with internet "
+            f"run `anomalens weights download {name}` and copy the file into the cache folder "
+            "here (or `anomalens weights pack` / `anomalens weights unpack`), or pass a local "
+            "checkpoint file as the weights."
         )
     try:
         path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
@@ -105,3 +116,21 @@ def resolve_clip_pretrained(
             f"{where} failed ({exc}); pass a local checkpoint file as pretrained= instead"
         ) from exc
     return Path(path), tag_cfg
+
+
+def _download_name(tag_cfg: Mapping[str, object]) -> str:
+    """What ``anomalens weights download`` takes for a tag: its catalogue name, else its id."""
+    hf_id = str(tag_cfg.get("hf_hub", "") or "")
+    if hf_id:
+        repo, filename = os.path.split(hf_id)
+        source = f"hf-hub:{repo}/{filename or 'open_clip_model.safetensors'}"
+        names = [w.name for w in WEIGHTS if w.source == source]
+        return names[0] if names else source
+    return str(tag_cfg.get("url", "") or "")
+
+
+def _unreachable(tag_cfg: Mapping[str, object]) -> str | None:
+    """Why the tag's server cannot be reached now (None: it answered)."""
+    if tag_cfg.get("hf_hub"):
+        return check_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return check_reachable(str(tag_cfg.get("url", "") or ""))

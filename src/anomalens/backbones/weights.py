@@ -10,7 +10,10 @@ A weight source is one of:
 
 Offline mode (``ANOMALENS_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``) never
 touches the network: a source that is not on disk and not cached fails with an error that names
-the file, the cache folder and the command that fetches it on a connected machine.
+the file, the cache folder and the command that fetches it on a connected machine. Without the
+switch, the server is probed once (``ANOMALENS_CONNECT_TIMEOUT`` seconds, default 3) before any
+download, so a machine without network fails as fast, with the same message, instead of
+retrying for a minute.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import contextvars
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -34,6 +39,10 @@ __all__ = [
     "WeightNotAvailableError",
     "WeightSpec",
     "cache_dir",
+    "check_reachable",
+    "check_weight_file",
+    "connect_timeout",
+    "git_blob_sha1_file",
     "is_offline",
     "names_in_cache_only",
     "read_checkpoint",
@@ -107,13 +116,130 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def git_blob_sha1_file(path: Path) -> str:
+    """Git blob id of a file: sha1 of ``b"blob <size>\\0"`` + content (``git hash-object``)."""
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest_mismatch(path: Path, spec: WeightSpec | None) -> str | None:
+    """Why ``path`` does not match the digests ``spec`` pins (None: it matches or none pinned)."""
+    if spec is None:
+        return None
+    if spec.sha256 is not None and sha256_file(path) != spec.sha256:
+        return f"sha256 is not {spec.sha256}"
+    if spec.git_blob_sha1 is not None:
+        got = git_blob_sha1_file(path)
+        if got != spec.git_blob_sha1:
+            return f"git blob id is {got}, not {spec.git_blob_sha1}"
+    return None
+
+
+def connect_timeout() -> float:
+    """Seconds to wait for a server before a download (``ANOMALENS_CONNECT_TIMEOUT``, default 3)."""
+    raw = os.environ.get("ANOMALENS_CONNECT_TIMEOUT", "").strip()
+    try:
+        value = float(raw) if raw else 3.0
+    except ValueError as exc:
+        raise ValueError(
+            f"ANOMALENS_CONNECT_TIMEOUT must be a number of seconds, got {raw!r}"
+        ) from exc
+    return max(value, 0.1)
+
+
+def _download_host(source: str) -> str:
+    """The URL whose server a download of ``source`` contacts first (hf-hub ids: the hub)."""
+    if source.startswith("hf-hub:"):
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return source
+
+
+def check_reachable(url: str, timeout: float | None = None) -> str | None:
+    """Probe the server of ``url`` once (through the configured proxy, if any).
+
+    The probe (name lookup + TCP connect) runs in a daemon thread joined with ``timeout``, so
+    a hanging name lookup cannot hold the caller either.
+
+    Args:
+        url: an ``http(s)://`` URL (``file://`` and others are always reachable).
+        timeout: seconds (default :func:`connect_timeout`).
+
+    Returns:
+        None when the server accepted a connection, else why not (one line).
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return None
+    timeout = connect_timeout() if timeout is None else timeout
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        pp = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        if pp.hostname:
+            host, port = pp.hostname, pp.port or 80
+    failure: list[str] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as exc:
+            failure.append(str(exc) or type(exc).__name__)
+
+    thread = threading.Thread(target=probe, name="anomalens-reachability", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return f"no network: {host}:{port} did not answer within {timeout:g} s"
+    if failure:
+        return f"no network: cannot reach {host}:{port} ({failure[0]})"
+    return None
+
+
 def _not_available(what: str, cached: Path, reason: str) -> WeightNotAvailableError:
     return WeightNotAvailableError(
         f"weights {what!r} are not available: {reason}. Looked for {cached} "
-        f"(cache folder {cached.parent}, set ANOMALENS_CACHE to change it). On a machine with "
-        f"internet run `anomalens weights download {what} --to DIR`, copy DIR here (or "
-        "`anomalens weights pack DIR --out bundle.tar` / `anomalens weights unpack bundle.tar`), "
-        "or pass a local file path instead."
+        f"(cache folder {cached.parent}; set ANOMALENS_CACHE to change it). On a machine with "
+        f"internet run `anomalens weights download {what}` (into its cache folder; `--to DIR` "
+        "for another folder) and copy the file here, or use `anomalens weights pack DIR --out "
+        "bundle.tar` there and `anomalens weights unpack bundle.tar` here; or pass a local file "
+        "path instead."
+    )
+
+
+def check_weight_file(value: str | os.PathLike[str] | None, what: str) -> None:
+    """Refuse at once a weight or checkpoint *file* that does not exist.
+
+    Catalogue names, URLs, ``hf-hub:`` ids and bare words (open_clip tags such as ``openai``)
+    are left to the resolver; a value that looks like a file (a folder part, ``~`` or a weight
+    suffix) must exist, here or as a bare name in the cache folder.
+
+    Raises:
+        FileNotFoundError: names the option and the missing file.
+    """
+    if value is None or not isinstance(value, (str, os.PathLike)):
+        return
+    src = os.fspath(value)
+    if src in _catalogue() or src.startswith(("hf-hub:", "http://", "https://", "file://")):
+        return
+    path = Path(src).expanduser()
+    looks_like_file = (
+        os.sep in src
+        or "/" in src
+        or src.startswith("~")
+        or path.suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".npz")
+    )
+    if not looks_like_file or path.is_file():
+        return
+    if path.name == src and (cache_dir() / src).is_file():
+        return
+    reason = "is a folder, not a file" if path.is_dir() else "does not exist"
+    raise FileNotFoundError(
+        f"{what} {path} {reason} (also looked in the cache folder {cache_dir()}); pass an "
+        "existing file, or a name from `anomalens weights list`"
     )
 
 
@@ -173,13 +299,13 @@ def resolve_weights(
     offline = is_offline() if offline is None else offline
     cache_path = Path(cache).expanduser() if cache is not None else cache_dir()
     src = os.fspath(source)
-    sha: str | None = None
+    spec: WeightSpec | None = None
     name = src
 
     catalogue = _catalogue()
     if src in catalogue:
         spec = catalogue[src]
-        src, sha = spec.source, spec.sha256
+        src = spec.source
         cached = cache_path / spec.filename
     elif src.startswith("hf-hub:"):
         repo, filename = _split_hf(src)
@@ -202,11 +328,15 @@ def resolve_weights(
         )
 
     if cached.is_file():
-        if sha is not None and sha256_file(cached) != sha:
-            raise _not_available(name, cached, "the cached file has the wrong sha256 (delete it)")
+        wrong = _digest_mismatch(cached, spec)
+        if wrong is not None:
+            raise _not_available(name, cached, f"the cached file's {wrong} (delete it)")
         return cached
     if offline:
         raise _not_available(name, cached, "offline mode is on and the file is not cached")
+    unreachable = check_reachable(_download_host(src))
+    if unreachable is not None:
+        raise _not_available(name, cached, f"it is not cached and {unreachable}")
     try:
         if src.startswith("hf-hub:"):
             try:
@@ -223,9 +353,10 @@ def resolve_weights(
         raise
     except Exception as exc:
         raise _not_available(name, cached, f"download failed ({exc})") from exc
-    if sha is not None and sha256_file(cached) != sha:
+    wrong = _digest_mismatch(cached, spec)
+    if wrong is not None:
         cached.unlink()
-        raise _not_available(name, cached, "downloaded file has the wrong sha256")
+        raise _not_available(name, cached, f"the downloaded file's {wrong}; it was deleted")
     return cached
 
 

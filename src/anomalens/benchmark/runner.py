@@ -347,7 +347,15 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
         )
     _check_same_settings(out / "config.json", cfg)
     atomic_write_json(out / "config.json", asdict(cfg))
-    detector = create_detector(cfg.method, **cfg.method_kwargs)
+    kwargs = dict(cfg.method_kwargs)
+    if not ({"checkpoint", "backbone", "untrained"} & set(kwargs)):
+        from anomalens.backbones.catalogue import default_checkpoint
+
+        # official checkpoints: the one trained on the other dataset family (VisA for MVTec AD)
+        other = default_checkpoint(cfg.method, cfg.dataset)
+        if other is not None:
+            kwargs["checkpoint"] = other
+    detector = create_detector(cfg.method, **kwargs)
     jobs = _jobs(cfg, categories, detector)
     rows: list[dict[str, Any]] = []
     bar = tqdm(jobs, desc=f"benchmark {cfg.method}", unit="job", disable=not progress)

@@ -50,15 +50,25 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kwargs[flag] = v
     if getattr(args, "tf_padding", False):
         kwargs["tf_padding"] = True
+    if getattr(args, "untrained", False):
+        kwargs["untrained"] = True
     for item in getattr(args, "option", None) or []:
         if "=" not in item:
             raise SystemExit(f"error: --option expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         kwargs[k.strip().replace("-", "_")] = _parse_value(v)
     try:
-        return check_options(args.method, kwargs)
+        opts = check_options(args.method, kwargs)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    from anomalens.backbones.weights import check_weight_file
+
+    for key in ("checkpoint", "weights", "pretrained"):  # before anything is loaded
+        try:
+            check_weight_file(opts.get(key), f"--{key}")
+        except FileNotFoundError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    return opts
 
 
 def _add_method_flags(
@@ -79,7 +89,18 @@ def _add_method_flags(
         help="backbone weights: local file, URL, hf-hub:ORG/REPO/FILE or a name from "
         "`anomalens weights list` (default: the backbone's standard pretrained weights)",
     )
-    g.add_argument("--checkpoint", help="method checkpoint (e.g. trained AdaptCLIP adapters)")
+    g.add_argument(
+        "--checkpoint",
+        help="method checkpoint: a file (e.g. from `anomalens train`) or a name from "
+        "`anomalens weights list` (default for adaptclip / anomalyclip: the official one "
+        "trained on MVTec AD, fetched and cached)",
+    )
+    g.add_argument(
+        "--untrained",
+        action="store_true",
+        help="adaptclip / anomalyclip: run with random adapters / prompts (tests only; marked "
+        "in every output; default: refuse without trained ones)",
+    )
     g.add_argument("--image-size", type=int, help="working resolution S (maps are S x S)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="inference precision")
@@ -907,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsub.add_parser("list", help="catalogue and cache status")
     w = wsub.add_parser("download", help="fetch NAME (catalogue name, URL or hf-hub id) into DIR")
     w.add_argument("name")
-    w.add_argument("--to", required=True, help="folder to download into")
+    w.add_argument("--to", help="folder to download into (default: the cache folder)")
     w = wsub.add_parser("pack", help="pack a folder of weights into one verified tar")
     w.add_argument("folder")
     w.add_argument("--out", required=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +15,62 @@ from anomalens.detectors.base import Detector
 if TYPE_CHECKING:
     from anomalens.backbones.clip import ClipBackbone
 
-__all__ = ["FrozenClipDetector"]
+__all__ = ["FrozenClipDetector", "resolve_method_checkpoint", "untrained_marker"]
+
+#: Sizes of the backbone the official checkpoints were trained on (OpenAI ViT-L/14@336):
+#: vision blocks, vision width, joint embedding width, text width.
+_OFFICIAL_SIZES = {"num_layers": 24, "vision_width": 1024, "embed_dim": 768, "text_width": 768}
+
+
+def untrained_marker(method: str, what: str) -> str:
+    """The note every output of an untrained run carries (config, run.json, report)."""
+    return (
+        f"UNTRAINED {method}: random {what} (untrained=True); scores are not meaningful, "
+        "for tests and smoke runs only"
+    )
+
+
+def resolve_method_checkpoint(
+    method: str, checkpoint: str | os.PathLike[str], what: str
+) -> tuple[Path, str | None]:
+    """Local file of a method checkpoint given as a file, catalogue name, URL or hf-hub id.
+
+    Args:
+        method: detector name; a catalogue name made for another method is refused.
+        checkpoint: the ``checkpoint`` option.
+        what: what the file holds, for messages ("AdaptCLIP adapters").
+
+    Returns:
+        (local file, catalogue name or None).
+
+    Raises:
+        FileNotFoundError: a local file that does not exist (names it).
+        WeightNotAvailableError: a name or URL not cached and not fetchable now (names the
+            file, the cache folder and the download command).
+        ValueError: a catalogue name of another method's checkpoint.
+    """
+    from anomalens.backbones.catalogue import WEIGHTS, checkpoint_names
+    from anomalens.backbones.weights import resolve_weights
+
+    src = os.fspath(checkpoint)
+    spec = next((w for w in WEIGHTS if w.name == src), None)
+    if spec is not None and spec.method not in (None, method):
+        names = ", ".join(checkpoint_names(method)) or "(none)"
+        raise ValueError(
+            f"checkpoint {src!r} holds {spec.method} weights, not {what}; {method} checkpoints "
+            f"in the catalogue: {names}"
+        )
+    if spec is not None or src.startswith(("hf-hub:", "http://", "https://", "file://")):
+        return resolve_weights(src), (src if spec is not None else None)
+    path = Path(src).expanduser()
+    if not path.is_file():
+        names = ", ".join(checkpoint_names(method))
+        raise FileNotFoundError(
+            f"{what} checkpoint {path} "
+            + ("is a folder, not a file" if path.is_dir() else "does not exist")
+            + (f"; the catalogue names {names} are fetched and cached" if names else "")
+        )
+    return path, None
 
 
 class FrozenClipDetector(Detector):
@@ -71,6 +128,55 @@ class FrozenClipDetector(Detector):
             vv_start if vv_start is not None else default_vv_start(depth),
         )
         self.global_ln_post = global_ln_post
+
+    def fits_official_checkpoints(self) -> bool:
+        """Whether the backbone has the sizes of the official checkpoints' (ViT-L/14@336)."""
+        return all(int(getattr(self.backbone, k)) == v for k, v in _OFFICIAL_SIZES.items())
+
+    def _pick_checkpoint(
+        self, checkpoint: str | os.PathLike[str] | None, untrained: bool, what: str
+    ) -> tuple[Path | None, str | None]:
+        """The checkpoint to load: the given one, the official default, or none (untrained).
+
+        Args:
+            checkpoint: the ``checkpoint`` option (None: the catalogue default).
+            untrained: the ``untrained`` option (random weights on purpose).
+            what: what the checkpoint holds, for messages ("AdaptCLIP adapters").
+
+        Returns:
+            (local file, catalogue name) or (None, None) for an untrained detector.
+
+        Raises:
+            ValueError: both ``checkpoint`` and ``untrained``, or no default for this backbone.
+            WeightNotAvailableError: the default is not cached and cannot be fetched now.
+        """
+        from anomalens.backbones.catalogue import default_checkpoint
+        from anomalens.backbones.weights import WeightNotAvailableError
+
+        if untrained:
+            if checkpoint is not None:
+                raise ValueError(
+                    f"give either checkpoint= or untrained=True, not both ({self.name})"
+                )
+            return None, None
+        if checkpoint is not None:
+            return resolve_method_checkpoint(self.name, checkpoint, what)
+        default = default_checkpoint(self.name)
+        if default is None or not self.fits_official_checkpoints():
+            raise ValueError(
+                f"{self.name} needs trained {what}: backbone {self.backbone_name!r} has no "
+                "official checkpoint (those are for OpenAI ViT-L/14@336). Pass --checkpoint "
+                f"FILE (e.g. from `anomalens train {self.name}`), or --untrained "
+                "(untrained=True) to run with random weights, for tests only"
+            )
+        try:
+            return resolve_method_checkpoint(self.name, default, what)
+        except WeightNotAvailableError as exc:
+            raise WeightNotAvailableError(
+                f"{exc} ({self.name} uses the official checkpoint {default!r} by default; "
+                "--checkpoint FILE picks another, --untrained runs with random weights for "
+                "tests only)"
+            ) from exc
 
     def encode(self, images: Sequence[ImageLike] | torch.Tensor) -> Any:
         """Preprocess (unless given a (B, 3, S, S) tensor) and run the frozen image encoder.

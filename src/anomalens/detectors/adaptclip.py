@@ -9,8 +9,10 @@ Implemented from the method spec; parity with the official code is checked on re
   tokens of the k normal images, plus the raw nearest-normal distance (align) map.
 
 The adapters are trained once on an auxiliary dataset (``anomalens.training.adaptclip``) and
-never on the target. Without a checkpoint they are randomly initialised (seeded) and the
-detector warns: results are then not meaningful.
+never on the target. Without ``checkpoint`` the official adapters trained on MVTec AD are used
+(catalogue name ``adaptclip-mvtec``, fetched and cached; ``adaptclip-visa`` for MVTec AD
+itself). Random adapters only with ``untrained=True``: such a detector warns and marks every
+output, since its scores are not meaningful.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from anomalens.detectors._adaptclip_modules import (
     fuse_few_shot,
     fuse_zero_shot,
 )
-from anomalens.detectors._clip_base import FrozenClipDetector
+from anomalens.detectors._clip_base import FrozenClipDetector, untrained_marker
 from anomalens.prompts.adaptclip import placeholder_prompt, static_sentences
 from anomalens.registry import register_detector
 from anomalens.scoring.similarity import DEFAULT_TEMPERATURE
@@ -51,6 +53,7 @@ __all__ = ["AdaptCLIP", "default_layers", "default_vv_start"]
 
 #: Backbone preset used when none is given (OpenAI ViT-L/14@336 at 518 px, QuickGELU).
 DEFAULT_BACKBONE = "adaptclip-vitl14-336@518"
+_WHAT = "AdaptCLIP adapters"
 
 # official settings per vision depth: tapped layers and first V-V (DPAM) block, 1-indexed
 _OFFICIAL_LAYERS = {24: (6, 12, 18, 24), 12: (3, 6, 9, 12)}
@@ -78,8 +81,12 @@ class AdaptCLIP(FrozenClipDetector):
     Args:
         backbone: CLIP preset name (default ``"adaptclip-vitl14-336@518"``; also
             ``"adaptclip-vitb16plus-240@512"``) or a built ``ClipBackbone``.
-        checkpoint: adapter weights: our safetensors file, or an official ``epoch_15.pth``
-            (remapped by ``checkpoint_filter_fn``). None = untrained adapters (warns).
+        checkpoint: adapter weights: our safetensors file, an official ``epoch_15.pth``
+            (remapped by ``checkpoint_filter_fn``), or a catalogue name (``adaptclip-mvtec``,
+            ``adaptclip-visa``: fetched and cached). None = ``adaptclip-mvtec`` (the official
+            backbone only; another backbone needs a checkpoint or ``untrained``).
+        untrained: run with random adapters on purpose (tests, smoke runs); marked in
+            ``config()`` and every output. Without it, a missing checkpoint is an error.
         device: torch device.
         batch_size: images per forward pass.
         layers: tapped blocks (1-indexed); default official for 24/12-block models.
@@ -120,8 +127,12 @@ class AdaptCLIP(FrozenClipDetector):
         global_ln_post: bool = False,
         seed: int = 0,
         return_extras: bool = False,
+        untrained: bool = False,
     ) -> None:
         super().__init__(device)
+        ckpt: tuple[Path | None, str | None] = (None, None)
+        if checkpoint is not None:  # a given file is checked before the backbone is built
+            ckpt = self._pick_checkpoint(checkpoint, untrained, _WHAT)
         if fusion not in ("average_mean", "harmonic_mean"):
             raise ValueError(f"fusion must be 'average_mean' or 'harmonic_mean', got {fusion!r}")
         self._init_clip(
@@ -133,6 +144,9 @@ class AdaptCLIP(FrozenClipDetector):
             default_vv_start=default_vv_start,
             global_ln_post=global_ln_post,
         )
+        if checkpoint is None:
+            ckpt = self._pick_checkpoint(None, untrained, _WHAT)
+        self.untrained = bool(untrained)
         self.pq_context = pq_context
         self.temperature = float(temperature)
         self.sigma = float(sigma)
@@ -144,6 +158,7 @@ class AdaptCLIP(FrozenClipDetector):
         self.static_text = self._static_anchors()
         self.adapter_source = "untrained"
         self.checkpoint_path: str | None = None
+        self.checkpoint_name: str | None = None
         config = AdapterConfig(
             embed_dim=int(self.backbone.embed_dim),
             text_width=int(self.backbone.text_width),
@@ -157,13 +172,14 @@ class AdaptCLIP(FrozenClipDetector):
             self.adapters = AdaptCLIPAdapters(config, pq_context=pq_context)
         self._set_placeholder()
         self.adapters.to(self.device).eval()
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+        if ckpt[0] is not None:
+            self.load_checkpoint(ckpt[0])
+            self.checkpoint_name = ckpt[1]
         else:
             warnings.warn(
-                "AdaptCLIP adapters are untrained (random init, seed "
-                f"{seed}): scores are not meaningful; pass checkpoint=... (official epoch_15.pth "
-                "or an anomalens safetensors file) or train one with `anomalens train adaptclip`",
+                f"AdaptCLIP adapters are untrained (random init, seed {seed}, untrained=True): "
+                "scores are not meaningful; drop --untrained to use the official adapters, or "
+                "train some with `anomalens train adaptclip`",
                 UserWarning,
                 stacklevel=2,
             )
@@ -331,6 +347,8 @@ class AdaptCLIP(FrozenClipDetector):
                 "precision": self.precision,
                 "adapters": self.adapter_source,
                 "checkpoint": self.checkpoint_path,
+                "checkpoint_name": self.checkpoint_name,
+                "untrained": self.untrained,
                 "layers": list(self.layers),
                 "vv_start": self.vv_start,
                 "pq_context": self.pq_context,
@@ -342,6 +360,8 @@ class AdaptCLIP(FrozenClipDetector):
                 **{f"adapter_{k}": v for k, v in self.adapters.config.to_dict().items()},
             }
         )
+        if self.untrained:
+            cfg["warning"] = untrained_marker("AdaptCLIP", "adapters")
         return cfg
 
     # ------------------------------------------------------------------------ model files
@@ -371,3 +391,5 @@ class AdaptCLIP(FrozenClipDetector):
         self._memory = [tensors[f"memory.{i}"].to(self.device) for i in range(n)] or None
         self.adapter_source = str(config.get("adapters", self.adapter_source))
         self.checkpoint_path = config.get("checkpoint")
+        self.checkpoint_name = config.get("checkpoint_name")
+        self.untrained = bool(config.get("untrained", self.adapter_source == "untrained"))

@@ -5,7 +5,9 @@ Zhou et al., "AnomalyCLIP: Object-agnostic Prompt Learning for Zero-shot Anomaly
 is checked on recorded fixtures (``tests/unit/test_anomalyclip_parity.py``).
 
 Two class-free prompts ("[V..] object." / "[W..] damaged object.") plus deep text tokens are
-learned once on an auxiliary dataset (``anomalens.training.anomalyclip``); at test time the
+learned once on an auxiliary dataset (``anomalens.training.anomalyclip``; by default the official
+prompts trained on MVTec AD, catalogue name ``anomalyclip-mvtec``, are fetched and cached; random
+prompts only with ``untrained=True``, marked in every output); at test time the
 image score is the abnormal probability of the global embedding against them and the map
 compares the V-V-stream patch tokens of the tapped layers with them. No normal image of the
 target category is used.
@@ -32,7 +34,7 @@ from anomalens.detectors._anomalyclip_modules import (
     anomalyclip_scores,
     placeholder_prompts,
 )
-from anomalens.detectors._clip_base import FrozenClipDetector
+from anomalens.detectors._clip_base import FrozenClipDetector, untrained_marker
 from anomalens.registry import register_detector
 from anomalens.scoring.similarity import DEFAULT_TEMPERATURE
 from anomalens.types import LearningType, Prediction
@@ -46,6 +48,7 @@ __all__ = ["AnomalyCLIP", "default_layers", "default_vv_start", "encode_prompts"
 DEFAULT_BACKBONE = "adaptclip-vitl14-336@518"
 #: Official deep-prompt depth (deep tokens before text blocks 2..9).
 OFFICIAL_DEPTH = 9
+_WHAT = "AnomalyCLIP prompts"
 
 
 def default_layers(num_blocks: int) -> tuple[int, ...]:
@@ -105,8 +108,11 @@ class AnomalyCLIP(FrozenClipDetector):
 
     Args:
         backbone: CLIP preset name (default ``"adaptclip-vitl14-336@518"``) or a ``ClipBackbone``.
-        checkpoint: prompt learner: our safetensors file, or an official ``epoch_15.pth``
-            (remapped by ``checkpoint_filter_fn``). None = untrained prompts (warns).
+        checkpoint: prompt learner: our safetensors file, an official ``epoch_15.pth``
+            (remapped by ``checkpoint_filter_fn``), or a catalogue name (``anomalyclip-mvtec``,
+            ``anomalyclip-visa``: fetched, checked by git blob id, cached). None =
+            ``anomalyclip-mvtec`` (the official backbone only; another backbone needs a
+            checkpoint or ``untrained``).
         device: torch device.
         batch_size: images per forward pass.
         layers: tapped blocks, 1-indexed (default: the last block, as the released results;
@@ -120,6 +126,8 @@ class AnomalyCLIP(FrozenClipDetector):
         fp16_deep_prompts: round deep prompts to float16 as the official code (parity).
         seed: seed of the random prompt initialisation.
         return_extras: put the per-layer maps and the image logits into ``Prediction.extras``.
+        untrained: run with random prompts on purpose (tests, smoke runs); marked in
+            ``config()`` and every output. Without it, a missing checkpoint is an error.
     """
 
     learning_type = LearningType.ZERO_SHOT
@@ -145,8 +153,12 @@ class AnomalyCLIP(FrozenClipDetector):
         fp16_deep_prompts: bool = True,
         seed: int = 111,
         return_extras: bool = False,
+        untrained: bool = False,
     ) -> None:
         super().__init__(device)
+        ckpt: tuple[Path | None, str | None] = (None, None)
+        if checkpoint is not None:  # a given file is checked before the backbone is built
+            ckpt = self._pick_checkpoint(checkpoint, untrained, _WHAT)
         self._init_clip(
             backbone,
             batch_size=batch_size,
@@ -156,6 +168,9 @@ class AnomalyCLIP(FrozenClipDetector):
             default_vv_start=default_vv_start,
             global_ln_post=global_ln_post,
         )
+        if checkpoint is None:
+            ckpt = self._pick_checkpoint(None, untrained, _WHAT)
+        self.untrained = bool(untrained)
         self.temperature = float(temperature)
         self.sigma = float(sigma)
         self.fp16_deep_prompts = fp16_deep_prompts
@@ -163,6 +178,7 @@ class AnomalyCLIP(FrozenClipDetector):
         self.return_extras = return_extras
         self.prompt_source = "untrained"
         self.checkpoint_path: str | None = None
+        self.checkpoint_name: str | None = None
         self._text: torch.Tensor | None = None
         if depth is None:
             depth = min(OFFICIAL_DEPTH, int(self.backbone.num_text_layers))
@@ -173,13 +189,14 @@ class AnomalyCLIP(FrozenClipDetector):
             torch.manual_seed(seed)
             learner = build_prompt_learner(self.backbone, config, fp16_deep_prompts)
         self.prompt_learner = learner.to(self.device).eval()
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+        if ckpt[0] is not None:
+            self.load_checkpoint(ckpt[0])
+            self.checkpoint_name = ckpt[1]
         else:
             warnings.warn(
-                f"AnomalyCLIP prompts are untrained (random init, seed {seed}): scores are not "
-                "meaningful; pass checkpoint=... (official epoch_15.pth or an anomalens "
-                "safetensors file) or train one with `anomalens train anomalyclip`",
+                f"AnomalyCLIP prompts are untrained (random init, seed {seed}, untrained=True): "
+                "scores are not meaningful; drop --untrained to use the official prompts, or "
+                "train some with `anomalens train anomalyclip`",
                 UserWarning,
                 stacklevel=2,
             )
@@ -262,6 +279,8 @@ class AnomalyCLIP(FrozenClipDetector):
                 "precision": self.precision,
                 "prompts": self.prompt_source,
                 "checkpoint": self.checkpoint_path,
+                "checkpoint_name": self.checkpoint_name,
+                "untrained": self.untrained,
                 "layers": list(self.layers),
                 "vv_start": self.vv_start,
                 "temperature": self.temperature,
@@ -272,6 +291,8 @@ class AnomalyCLIP(FrozenClipDetector):
                 **{f"prompt_{k}": v for k, v in self.prompt_learner.config.to_dict().items()},
             }
         )
+        if self.untrained:
+            cfg["warning"] = untrained_marker("AnomalyCLIP", "prompts")
         return cfg
 
     # ------------------------------------------------------------------------ model files
@@ -293,3 +314,5 @@ class AnomalyCLIP(FrozenClipDetector):
         self._text = tensors["text"].to(self.device)
         self.prompt_source = str(config.get("prompts", self.prompt_source))
         self.checkpoint_path = config.get("checkpoint")
+        self.checkpoint_name = config.get("checkpoint_name")
+        self.untrained = bool(config.get("untrained", self.prompt_source == "untrained"))

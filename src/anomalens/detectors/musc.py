@@ -18,6 +18,8 @@ Backbones: CLIP ViTs through :class:`~anomalens.backbones.clip.ClipBackbone` (de
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,7 +58,67 @@ __all__ = [
     "PatchFeatureExtractor",
     "PatchFeatures",
     "musc_clip_backbone",
+    "musc_cost",
 ]
+
+log = logging.getLogger(__name__)
+
+#: Working size of CLIP backbones given by name (the official MuSc setting).
+CLIP_DEFAULT_SIZE = 518
+#: Nominal float32 rates for the time estimate (multiply-adds x 2 per second): per CPU thread
+#: and per GPU. Real speed varies by a factor of about 3 either way.
+_CPU_FLOPS_PER_THREAD = 1e10
+_GPU_FLOPS = 1e13
+
+
+def musc_cost(
+    subset_sizes: Sequence[int],
+    layer_shapes: Sequence[tuple[int, int]],
+    num_r: int,
+    feature_bytes: int,
+    msm_bytes: int,
+    image_size: int,
+    backbone_flops_per_image: float,
+) -> dict[str, float]:
+    """Work and memory of one MuSc batch, from shapes only (nothing is run).
+
+    Args:
+        subset_sizes: images per subset scored together (``divide_num`` subsets).
+        layer_shapes: per tapped layer, (tokens L, channels C) of one image.
+        num_r: number of LNAMD degrees.
+        feature_bytes: bytes per stored token value (``feature_dtype``).
+        msm_bytes: bytes per LNAMD feature value in the neighbour search (``msm_dtype``).
+        image_size: working size S (maps are S x S float32).
+        backbone_flops_per_image: floating-point operations of one backbone forward.
+
+    Returns:
+        ``flops`` (backbone + MSM), ``msm_flops`` and ``memory_bytes`` (tokens of the largest
+        subset, one LNAMD feature block, the float32 maps and float64 patch maps of the batch).
+    """
+    n = int(sum(subset_sizes))
+    biggest = max(subset_sizes) if subset_sizes else 0
+    pairs = float(sum(m * m for m in subset_sizes))
+    msm = 2.0 * num_r * pairs * sum(float(L) * L * C for L, C in layer_shapes)
+    tokens = biggest * sum(L * C for L, C in layer_shapes) * feature_bytes
+    lnamd_block = biggest * max((L * C for L, C in layer_shapes), default=0) * msm_bytes
+    finest = max((L for L, _ in layer_shapes), default=0)
+    maps = n * (image_size * image_size * 4 + finest * 8 * (num_r + 1))
+    return {
+        "flops": msm + n * backbone_flops_per_image,
+        "msm_flops": msm,
+        "memory_bytes": float(tokens + lnamd_block + maps),
+    }
+
+
+def _available_memory(device: torch.device) -> float | None:
+    """Bytes free on ``device`` now (CUDA: free device memory; CPU: available RAM), or None."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _native_clip_size(model_name: str) -> int | None:
@@ -67,6 +129,23 @@ def _native_clip_size(model_name: str) -> int | None:
         return None
     size = cfg.get("vision_cfg", {}).get("image_size")
     return int(size) if isinstance(size, int) else None
+
+
+def _default_size(backbone: object) -> int:
+    """Working size for ``image_size=None``: a given backbone's own, a CNN preset's native input
+    size, else MuSc's official 518 px for CLIP."""
+    from anomalens.backbones.clip import ClipBackbone
+    from anomalens.backbones.presets import CNN_PRESETS
+
+    if isinstance(backbone, str) and backbone in CNN_PRESETS:
+        return int(CNN_PRESETS[backbone].input_size)
+    if isinstance(backbone, ClipBackbone):
+        return int(backbone.image_size)
+    if isinstance(backbone, ClipPatchExtractor):
+        return int(backbone.backbone.image_size)
+    if isinstance(backbone, CnnPatchExtractor):
+        return int(backbone.model.preset.input_size)
+    return CLIP_DEFAULT_SIZE
 
 
 def _parent_folder(image: ImageLike) -> str:
@@ -97,7 +176,9 @@ class MuSc(Detector):
             any :class:`PatchFeatureExtractor`.
         pretrained: CLIP weights (open_clip tag, file, ``hf-hub:`` id; None = random).
         weights: CNN weights (see ``create_cnn_backbone``; ignored for CLIP).
-        image_size: working size S (maps are S x S). 518 = official default.
+        image_size: working size S (maps are S x S). None = 518 for CLIP backbones (official
+            default), the preset's native input size for CNN presets (224; 380 for
+            EfficientNet-B4), a given backbone's own size.
         layers: CLIP: 1-based blocks (default 6, 12, 18, 24); CNN: module names (default: the
             preset's layers).
         r: LNAMD degrees (odd).
@@ -135,6 +216,12 @@ class MuSc(Detector):
         progress: progress bar over the mutual scoring (the long part: N images x
             len(r) x layers); None = only when stderr is a terminal.
         device: torch device.
+        budget_s: refuse a batch whose estimated time exceeds this many seconds (the
+            estimate, from the backbone's shapes and the batch size, is logged before every
+            batch; rough, within a factor of about 3).
+        budget_gb: refuse a batch whose estimated memory exceeds this many GiB (None = 90 %
+            of the memory free on the device when the batch starts).
+        force: score a batch over budget anyway (a warning instead of the refusal).
     """
 
     learning_type = LearningType.BATCH_ZERO_SHOT
@@ -148,7 +235,7 @@ class MuSc(Detector):
         backbone: str | ClipBackbone | PatchFeatureExtractor = "ViT-L-14-336",
         pretrained: str | None = "openai",
         weights: str | None = None,
-        image_size: int = 518,
+        image_size: int | None = None,
         layers: Sequence[int] | Sequence[str] | None = None,
         r: Sequence[int] = (1, 3, 5),
         topmin: tuple[float, float] = (0.0, 0.3),
@@ -163,8 +250,17 @@ class MuSc(Detector):
         precision: str | None = None,
         progress: bool | None = None,
         device: str | torch.device = "cpu",
+        budget_s: float = 3600.0,
+        budget_gb: float | None = None,
+        force: bool = False,
     ) -> None:
         super().__init__(device=device)
+        if budget_s <= 0 or (budget_gb is not None and budget_gb <= 0):
+            raise ValueError(f"budget_s and budget_gb must be > 0, got {budget_s}, {budget_gb}")
+        self.budget_s = float(budget_s)
+        self.budget_gb = None if budget_gb is None else float(budget_gb)
+        self.force = bool(force)
+        self._shapes: tuple[list[tuple[int, int]], float] | None = None
         if not r or any(int(v) < 1 or int(v) % 2 == 0 for v in r):
             raise ValueError(f"r must be a non-empty list of odd integers >= 1, got {list(r)}")
         if chunk_size is not None and chunk_size < 1:
@@ -179,7 +275,7 @@ class MuSc(Detector):
             raise ValueError(
                 f"feature_dtype must be float32, float16 or bfloat16, got {feature_dtype!r}"
             )
-        self.image_size = int(image_size)
+        self.image_size = int(image_size if image_size is not None else _default_size(backbone))
         self.r = tuple(int(v) for v in r)
         self.topmin = (float(topmin[0]), float(topmin[1]))
         interval_bounds(10, *self.topmin)  # validates the interval early
@@ -196,6 +292,99 @@ class MuSc(Detector):
         self.extractor = self._build_extractor(
             backbone, pretrained, weights, layers, quick_gelu, precision
         )
+
+    # ---------------------------------------------------------------------- cost estimate
+    def _layer_shapes(self) -> tuple[list[tuple[int, int]], float]:
+        """Per tapped layer (tokens, channels) of one image, and backbone FLOPs per image.
+
+        CLIP: from the architecture. Other backbones: one forward of a blank image (cheap
+        for CNNs), FLOPs from the parameter count times the finest grid.
+        """
+        if self._shapes is not None:
+            return self._shapes
+        if isinstance(self.extractor, ClipPatchExtractor):
+            bb = self.extractor.backbone
+            tokens = (self.image_size // int(bb.patch_size)) ** 2
+            width = int(bb.vision_width)
+            params = sum(p.numel() for p in bb.model.visual.parameters())
+            flops = 2.0 * params * (tokens + 1) + 4.0 * int(bb.num_layers) * tokens**2 * width
+            shapes = [(tokens, width)] * len(self.extractor.layers)
+        else:
+            x = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+            with torch.no_grad():
+                out = self.extractor.extract(x)
+            shapes = [(int(t.shape[1]), int(t.shape[2])) for t in out.tokens]
+            module = getattr(self.extractor, "model", self.extractor)
+            params = (
+                sum(p.numel() for p in module.parameters())
+                if isinstance(module, torch.nn.Module)
+                else 0
+            )
+            flops = 2.0 * params * max(L for L, _ in shapes)
+        self._shapes = (shapes, flops)
+        return self._shapes
+
+    def estimate_cost(self, subset_sizes: Sequence[int]) -> dict[str, float]:
+        """Rough time (s) and memory (GiB) of scoring subsets of these sizes.
+
+        Returns:
+            ``seconds``, ``memory_gb``, ``budget_s``, ``budget_gb`` (None: unknown free memory).
+        """
+        shapes, bb_flops = self._layer_shapes()
+        cost = musc_cost(
+            subset_sizes,
+            shapes,
+            len(self.r),
+            self.feature_dtype.itemsize,
+            self.msm_dtype.itemsize,
+            self.image_size,
+            bb_flops,
+        )
+        rate = (
+            _GPU_FLOPS
+            if self.device.type == "cuda"
+            else _CPU_FLOPS_PER_THREAD * max(1, torch.get_num_threads())
+        )
+        free = _available_memory(self.device)
+        budget_gb = (
+            self.budget_gb
+            if self.budget_gb is not None
+            else (None if free is None else 0.9 * free / 2**30)
+        )
+        return {
+            "seconds": cost["flops"] / rate,
+            "memory_gb": cost["memory_bytes"] / 2**30,
+            "budget_s": self.budget_s,
+            "budget_gb": budget_gb,  # type: ignore[dict-item]
+        }
+
+    def _check_budget(self, subset_sizes: Sequence[int]) -> None:
+        """Log the estimate of a batch; refuse it above the budget unless ``force``."""
+        est = self.estimate_cost(subset_sizes)
+        n = sum(subset_sizes)
+        what = (
+            f"MuSc on {n} images ({len(subset_sizes)} subset(s)) with "
+            f"{self.extractor.describe().get('backbone', type(self.extractor).__name__)} at "
+            f"{self.image_size} px on {self.device}: about {est['seconds'] / 60:.1f} min and "
+            f"{est['memory_gb']:.2f} GiB (rough estimate)"
+        )
+        over = []
+        if est["seconds"] > est["budget_s"]:
+            over.append(f"time budget {est['budget_s']:.0f} s")
+        if est["budget_gb"] is not None and est["memory_gb"] > est["budget_gb"]:
+            over.append(f"memory budget {est['budget_gb']:.2f} GiB")
+        if not over:
+            (log.warning if est["seconds"] > 60 else log.info)("%s", what)
+            return
+        advice = (
+            f"{what} exceeds the {' and the '.join(over)}: split the batch (--option "
+            "divide_num=4), lower the working size (--image-size), store features as "
+            "--option feature_dtype=float16, use a GPU (--device cuda), raise --option "
+            "budget_s=SECONDS / budget_gb=GIB, or run anyway with --option force=true"
+        )
+        if not self.force:
+            raise ValueError(advice)
+        warnings.warn(advice.replace("or run anyway with", "running anyway:"), stacklevel=4)
 
     # ---------------------------------------------------------------------- construction
     def _build_extractor(
@@ -281,6 +470,7 @@ class MuSc(Detector):
         if groups is None:
             groups = [_parent_folder(im) for im in images]
         subsets = [s for s in divide_subsets(groups, self.divide_num, self.divide_seed) if s]
+        self._check_budget([len(s) for s in subsets])
         small = min(len(s) for s in subsets)
         if small < 2:
             raise ValueError(

@@ -228,6 +228,7 @@ def train_adaptclip(
         det = AdaptCLIP(
             bb,
             checkpoint=config.init_checkpoint,
+            untrained=config.init_checkpoint is None,  # training starts from random adapters
             device=config.device,
             batch_size=config.batch_size,
             n_ctx=config.n_ctx,
