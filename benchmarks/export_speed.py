@@ -64,7 +64,7 @@ def _build(model: str):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained adapters: fine for speed
-        det = create_detector("adaptclip", backbone=bb)
+        det = create_detector("adaptclip", backbone=bb, untrained=True)
     return det.fit(list(_images(2, 240, seed=1)))
 
 
