@@ -195,3 +195,31 @@ def test_a_killed_driver_resumes_with_every_input_once(cluster, folders, tmp_pat
     assert len(rows) == len({r["path"] for r in rows}) == 24
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert len(lines) == 24  # the earlier rows kept, the rest added once
+
+
+def test_benchmark_grid_on_ray_equals_the_local_grid_and_resumes(cluster, tmp_path) -> None:
+    from anomalens.data.synthetic import generate_synthetic_dataset, list_synthetic_categories
+
+    cat = list_synthetic_categories()[0]
+    root = generate_synthetic_dataset(
+        tmp_path / "synth", categories=[cat], n_train=4, n_test_good=3, n_test_defect=3,
+        image_size=64, seed=0,
+    )  # fmt: skip
+    grid = ["benchmark", *METHOD, "--dataset", "mvtec", "--root", str(root), "--shots", "1", "2"]
+    grid += ["--seeds", "10", "20"]
+    assert main([*grid, "--out", str(tmp_path / "local")]) == 0
+    dist = tmp_path / "ray"
+    assert main([*grid, "--out", str(dist), "--engine", "ray", "--workers", "2"]) == 0
+
+    def table(out: Path) -> list[dict[str, str]]:
+        with open(out / "results.csv", newline="") as f:
+            return [
+                {k: v for k, v in r.items() if "seconds" not in k and "per_image" not in k}
+                for r in csv.DictReader(f)
+            ]
+
+    assert len(table(dist)) == 4 and table(dist) == table(tmp_path / "local")
+    jobs = sorted((dist / "jobs").rglob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in jobs]
+    assert main([*grid, "--out", str(dist), "--engine", "ray"]) == 0  # all cells finished
+    assert [p.stat().st_mtime_ns for p in jobs] == stamps

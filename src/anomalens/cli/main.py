@@ -496,7 +496,25 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_test_images=args.max_test_images,
     )
-    run_benchmark(cfg, progress=not args.quiet)
+    run_cells = None
+    if args.engine == "ray":
+        import functools
+
+        from anomalens.distributed import RayOptions, require_ray, run_cells_on_ray
+
+        try:
+            require_ray()
+            options = RayOptions(
+                address=args.ray_address,
+                workers=2 if args.workers is None else args.workers,
+                gpus_per_worker=args.gpus_per_worker or 0.0,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+        run_cells = functools.partial(run_cells_on_ray, options=options, progress=not args.quiet)
+    elif args.ray_address or args.workers is not None or args.gpus_per_worker:
+        raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
+    run_benchmark(cfg, progress=not args.quiet, run_cells=run_cells)
     print((Path(args.out) / "results.md").read_text())
     print(f"written: {args.out}/results.csv, summary.csv, results.json, results.md")
     return 0
@@ -757,6 +775,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--out", required=True)
     s.add_argument("-q", "--quiet", action="store_true")
+    e = s.add_argument_group("scale out (Ray; pip install 'anomalens[ray]', see docs/scale.md)")
+    e.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: cells one after the other (default); ray: each cell a Ray task",
+    )
+    e.add_argument("--ray-address", help="auto or HOST:PORT (default: a private Ray instance)")
+    e.add_argument("--workers", type=int, help="cells run at the same time (default 2)")
+    e.add_argument("--gpus-per-worker", type=float, help="GPUs per cell (default 0)")
     s.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("synth", help="write a seeded synthetic defect dataset (MVTec layout)")
