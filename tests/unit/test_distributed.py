@@ -61,3 +61,29 @@ def test_batch_methods_are_refused_before_anything_is_fitted(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="toy-batch scores each image against the whole batch"):
         run_predict_ray(lambda: create_detector("toy-batch"), [tmp_path / "a.png"], tmp_path)
+
+
+def test_manifest_feeds_a_local_run_with_unreadable_entries_in_errors(tmp_path) -> None:
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "in"
+    img.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(img / f"a{i}.png")
+    m = tmp_path / "list.txt"
+    m.write_text("in/a0.png\nin/a2.png\nin/missing.png\n", encoding="utf-8")
+    out = tmp_path / "o"
+    assert (
+        main(["predict", "--method", "toy-zero", "--manifest", str(m), "--out", str(out), "-q"])
+        == 0
+    )
+    with open(out / "results.csv", newline="") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [str(img / "a0.png"), str(img / "a2.png")]
+    errors = (out / "errors.csv").read_text()
+    assert "missing.png,file not found" in errors
+    with pytest.raises(SystemExit, match="either --images DIR or --manifest FILE"):
+        main(["predict", "--method", "toy-zero", "--manifest", str(m), "--images", str(img),
+              "--out", str(out)])  # fmt: skip
