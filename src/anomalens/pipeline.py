@@ -599,6 +599,35 @@ def _score_and_write(
     bar.close()
 
 
+def threshold_for_model(
+    detector: Detector,
+    model_threshold: Threshold | None,
+    spec: ThresholdSpec,
+    errors: list[dict[str, str]],
+    category: str | None = None,
+) -> Threshold | None:
+    """The threshold of a run on an already fitted detector (a model file).
+
+    The model's saved threshold, unless the run gives a fixed value or a calibration folder;
+    a fixed image value alone keeps the model's calibrated pixel threshold for the masks.
+    """
+    if model_threshold is not None and spec.fixed is None and not spec.calibration:
+        return model_threshold
+    saved_pixel = model_threshold.pixel_value if model_threshold is not None else None
+    if spec.fixed is not None and spec.pixel_fixed is None and saved_pixel is not None:
+        # only the image threshold changes: masks keep the model's pixel threshold
+        spec = replace(spec, pixel_fixed=saved_pixel)
+    thr = _set_threshold(spec, lambda: detector, detector, [], errors, category)
+    if (
+        thr is not None
+        and model_threshold is not None
+        and spec.pixel_fixed is not None
+        and spec.pixel_fixed == saved_pixel
+    ):
+        thr.details["pixel_source"] = f"model ({model_threshold.method})"
+    return thr
+
+
 def run_predict(
     make_detector: Callable[[], Detector] | None,
     image_paths: Sequence[Path],
@@ -648,21 +677,7 @@ def run_predict(
     if detector is not None:
         if normal_paths:
             raise ValueError("the detector is already fitted: give no normal images with it")
-        thr = model_threshold
-        fitted = detector
-        if thr is None or spec.fixed is not None or spec.calibration:
-            saved_pixel = model_threshold.pixel_value if model_threshold is not None else None
-            if spec.fixed is not None and spec.pixel_fixed is None and saved_pixel is not None:
-                # only the image threshold changes: masks keep the model's pixel threshold
-                spec = replace(spec, pixel_fixed=saved_pixel)
-            thr = _set_threshold(spec, lambda: fitted, fitted, [], errors, category)
-            if (
-                thr is not None
-                and model_threshold is not None
-                and spec.pixel_fixed is not None
-                and spec.pixel_fixed == saved_pixel
-            ):
-                thr.details["pixel_source"] = f"model ({model_threshold.method})"
+        thr = threshold_for_model(detector, model_threshold, spec, errors, category)
     elif make_detector is None:
         raise ValueError("run_predict needs make_detector or a fitted detector")
     else:

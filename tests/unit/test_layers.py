@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "results": 4,
     "reference": 4,
     "pipeline": 4,
+    "distributed": 4,
     "benchmark": 4,
     "training": 4,
     "demo": 4,

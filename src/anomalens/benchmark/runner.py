@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_category",
     "no_label_threshold",
     "run_benchmark",
+    "run_cell",
     "scores_path",
     "threshold_metrics",
 ]
@@ -329,8 +330,20 @@ def _check_same_settings(config_path: Path, cfg: BenchmarkConfig) -> None:
         )
 
 
-def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+def run_benchmark(
+    cfg: BenchmarkConfig,
+    *,
+    progress: bool = True,
+    run_cells: Callable[[BenchmarkConfig, list[tuple[str, int, int | None]]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Run (or resume) the benchmark and write ``OUT/results.{csv,json,md}``.
+
+    Args:
+        cfg: the run's settings.
+        progress: show progress bars.
+        run_cells: runs the unfinished (category, k, seed) cells elsewhere (each with
+            :func:`run_cell`, e.g. ``anomalens.distributed.run_cells_on_ray``); default: here,
+            one after the other.
 
     Returns:
         One flat row per finished (category, k, seed) job.
@@ -357,6 +370,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
             kwargs["checkpoint"] = other
     detector = create_detector(cfg.method, **kwargs)
     jobs = _jobs(cfg, categories, detector)
+    pending = [j for j in jobs if not _job_path(out, *j).exists()]
+    if run_cells is not None and pending:
+        run_cells(cfg, pending)  # e.g. one Ray task per cell; each writes its job file
     rows: list[dict[str, Any]] = []
     bar = tqdm(jobs, desc=f"benchmark {cfg.method}", unit="job", disable=not progress)
     for cat, k, seed in bar:
@@ -364,59 +380,78 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> list[dict[s
         if path.exists():
             rows.append(json.loads(path.read_text()))
             continue
+        if run_cells is not None:
+            raise RuntimeError(f"benchmark cell {cat} k={k} seed={seed} did not finish")
         bar.set_postfix_str(f"{cat} k={k} seed={seed}")
-        test = _subsample(get_index(cfg.dataset, cfg.root, cat, "test"), cfg.max_test_images)
-        if cfg.dataset == "pairs":  # fitted on each test image's own reference
-            from anomalens.benchmark.pairs import evaluate_pairs
-
-            shots: list[Sample] = []
-            fit_seconds = threshold_seconds = 0.0
-            thr, note = None, "each image has its own reference: no k-shot threshold"
-            metrics = evaluate_pairs(
-                detector, test, pixel_mode=cfg.pixel_mode, progress=progress, category=cat
-            )
-        else:
-            train = get_index(cfg.dataset, cfg.root, cat, "train") if k > 0 else []
-            shots = (
-                sample_shots(train, k, seed if seed is not None else 0, rule=cfg.draw_rule)
-                if k
-                else []
-            )
-            shot_images = [load_image(s.image_path) for s in shots]
-            t0 = time.perf_counter()
-            thr, note = no_label_threshold(detector, shot_images, cat)
-            threshold_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            # the dataset's category names the object for methods whose prompts use it (WinCLIP)
-            detector.fit(shot_images if shot_images else None, category=cat)
-            fit_seconds = time.perf_counter() - t0
-            metrics = evaluate_category(
-                detector,
-                test,
-                batch_size=cfg.batch_size,
-                pixel_mode=cfg.pixel_mode,
-                progress=progress,
-                desc=f"{cat} k={k}",
-            )
-        per_image = metrics.pop("per_image")
-        metrics.update(threshold_metrics(per_image, thr, note))
-        scores_file = scores_path(out, cat, k, seed)
-        _write_scores(scores_file, per_image)  # before the job file that marks the job done
-        row = {
-            "method": cfg.method,
-            "dataset": cfg.dataset,
-            "category": cat,
-            "k": k,
-            "seed": seed,
-            "shots": [str(s.image_path) for s in shots],
-            "fit_seconds": fit_seconds,
-            "threshold_seconds": threshold_seconds,
-            "scores_file": scores_file.relative_to(out).as_posix(),
-            "detector": detector.config(),
-            **metrics,
-        }
-        atomic_write_json(path, row)
-        rows.append(row)
+        rows.append(run_cell(cfg, detector, cat, k, seed, progress=progress))
     bar.close()
     write_reports(out, rows)
     return rows
+
+
+def run_cell(
+    cfg: BenchmarkConfig,
+    detector: Detector,
+    cat: str,
+    k: int,
+    seed: int | None,
+    *,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run one (category, k, seed) cell with ``detector`` and write its job and scores files.
+
+    Returns:
+        The cell's flat row (as stored in ``OUT/jobs/<category>/<job>.json``).
+    """
+    out = Path(cfg.out)
+    path = _job_path(out, cat, k, seed)
+    test = _subsample(get_index(cfg.dataset, cfg.root, cat, "test"), cfg.max_test_images)
+    if cfg.dataset == "pairs":  # fitted on each test image's own reference
+        from anomalens.benchmark.pairs import evaluate_pairs
+
+        shots: list[Sample] = []
+        fit_seconds = threshold_seconds = 0.0
+        thr, note = None, "each image has its own reference: no k-shot threshold"
+        metrics = evaluate_pairs(
+            detector, test, pixel_mode=cfg.pixel_mode, progress=progress, category=cat
+        )
+    else:
+        train = get_index(cfg.dataset, cfg.root, cat, "train") if k > 0 else []
+        shots = (
+            sample_shots(train, k, seed if seed is not None else 0, rule=cfg.draw_rule) if k else []
+        )
+        shot_images = [load_image(s.image_path) for s in shots]
+        t0 = time.perf_counter()
+        thr, note = no_label_threshold(detector, shot_images, cat)
+        threshold_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # the dataset's category names the object for methods whose prompts use it (WinCLIP)
+        detector.fit(shot_images if shot_images else None, category=cat)
+        fit_seconds = time.perf_counter() - t0
+        metrics = evaluate_category(
+            detector,
+            test,
+            batch_size=cfg.batch_size,
+            pixel_mode=cfg.pixel_mode,
+            progress=progress,
+            desc=f"{cat} k={k}",
+        )
+    per_image = metrics.pop("per_image")
+    metrics.update(threshold_metrics(per_image, thr, note))
+    scores_file = scores_path(out, cat, k, seed)
+    _write_scores(scores_file, per_image)  # before the job file that marks the job done
+    row = {
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "category": cat,
+        "k": k,
+        "seed": seed,
+        "shots": [str(s.image_path) for s in shots],
+        "fit_seconds": fit_seconds,
+        "threshold_seconds": threshold_seconds,
+        "scores_file": scores_file.relative_to(out).as_posix(),
+        "detector": detector.config(),
+        **metrics,
+    }
+    atomic_write_json(path, row)
+    return row

@@ -200,10 +200,46 @@ def _images_of(folder: str, recursive: bool) -> list[Path]:
     return files
 
 
+def _inputs(args: argparse.Namespace, recursive: bool) -> list[Path]:
+    """Images to inspect: ``--images DIR`` or ``--manifest FILE`` (one path per line)."""
+    if getattr(args, "manifest", None):
+        if args.images or args.groups:
+            raise SystemExit("error: give either --images DIR or --manifest FILE (no --groups)")
+        from anomalens.distributed.ray_predict import read_manifest
+
+        return read_manifest(args.manifest)
+    return _images_of(args.images, recursive)
+
+
+def _predict_runner(args: argparse.Namespace) -> Any:
+    """``run_predict``, or its Ray version for ``--engine ray`` (see docs/scale.md)."""
+    from anomalens.pipeline import run_predict
+
+    if getattr(args, "engine", "local") != "ray":
+        if args.ray_address or args.workers is not None or args.gpus_per_worker:
+            raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
+        return run_predict
+    if args.groups:
+        raise SystemExit("error: --groups is not supported with --engine ray yet")
+    import functools
+
+    from anomalens.distributed.ray_predict import RayOptions, require_ray, run_predict_ray
+
+    try:
+        require_ray()
+        options = RayOptions(
+            address=args.ray_address,
+            workers=2 if args.workers is None else args.workers,
+            gpus_per_worker=args.gpus_per_worker or 0.0,
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return functools.partial(run_predict_ray, options=options)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from anomalens.pipeline import (
         ThresholdSpec,
-        run_predict,
         run_predict_groups,
         split_by_group,
     )
@@ -216,7 +252,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     kwargs = _method_kwargs(args)
     if args.pairs or args.reference_dir:
         return _predict_pairs(args, kwargs)
-    if not args.images:
+    if not args.images and not args.manifest:
         raise SystemExit("error: give --images DIR (or --pairs FILE / --reference-dir DIR)")
     if args.align != "none":
         raise SystemExit(
@@ -224,7 +260,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     recursive = args.recursive or args.groups
     normals = _images_of(args.normal, recursive) if args.normal else []
-    images = _images_of(args.images, recursive)
+    predict = _predict_runner(args)  # flags checked before any listing
+    images = _inputs(args, recursive)
     calibration = _images_of(args.calibration, recursive) if args.calibration else None
     spec = ThresholdSpec(
         fixed=args.threshold,
@@ -240,7 +277,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "save_masks": not args.no_masks,
         "resume": not args.no_resume,
         "progress": not args.quiet,
-        "title": f"anomalens {args.method}: {Path(args.images).name}",
+        "title": f"anomalens {args.method}: {Path(args.images or args.manifest).name}",
     }
     if args.object_name and args.class_names:
         raise SystemExit("error: give either --object-name or --class-names, not both")
@@ -268,7 +305,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         index = Path(args.out) / "index.html"
     else:
         summaries = {
-            "": run_predict(
+            "": predict(
                 make_detector,
                 images,
                 args.out,
@@ -376,7 +413,6 @@ def _predict_with_model(args: argparse.Namespace) -> int:
     from anomalens.model_file import model_kind
     from anomalens.pipeline import (
         load_model_for_predict,
-        run_predict,
         run_predict_groups,
         split_by_group,
     )
@@ -399,10 +435,11 @@ def _predict_with_model(args: argparse.Namespace) -> int:
             "method, its settings, its normal images and its object name (fit a new model with "
             "`anomalens fit` to change them)"
         )
-    if not getattr(args, "images", None):
+    if not getattr(args, "images", None) and not getattr(args, "manifest", None):
         raise SystemExit("error: --model needs --images DIR (the images to inspect)")
     recursive = args.recursive or args.groups
-    images = _images_of(args.images, recursive)
+    predict = _predict_runner(args)  # flags checked before any listing
+    images = _inputs(args, recursive)
     calibration = _images_of(args.calibration, recursive) if args.calibration else None
     spec = _threshold_spec(args, calibration)
     common: dict[str, Any] = {
@@ -442,13 +479,14 @@ def _predict_with_model(args: argparse.Namespace) -> int:
             "inferencer"
         )
     detector, thr = load_model_for_predict(model, device=args.device)
-    summary = run_predict(
+    summary = predict(
         None,
         images,
         args.out,
         detector=detector,
         model_threshold=thr,
-        title=f"anomalens {detector.name} ({model.name}): {Path(args.images).name}",
+        title=f"anomalens {detector.name} ({model.name}): "
+        f"{Path(args.images or args.manifest).name}",
         **common,
     )
     _print_summaries({"": summary}, args.out, Path(args.out) / "report.html")
@@ -540,7 +578,25 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_test_images=args.max_test_images,
     )
-    run_benchmark(cfg, progress=not args.quiet)
+    run_cells = None
+    if args.engine == "ray":
+        import functools
+
+        from anomalens.distributed import RayOptions, require_ray, run_cells_on_ray
+
+        try:
+            require_ray()
+            options = RayOptions(
+                address=args.ray_address,
+                workers=2 if args.workers is None else args.workers,
+                gpus_per_worker=args.gpus_per_worker or 0.0,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+        run_cells = functools.partial(run_cells_on_ray, options=options, progress=not args.quiet)
+    elif args.ray_address or args.workers is not None or args.gpus_per_worker:
+        raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
+    run_benchmark(cfg, progress=not args.quiet, run_cells=run_cells)
     print((Path(args.out) / "results.md").read_text())
     print(f"written: {args.out}/results.csv, summary.csv, results.json, results.md")
     return 0
@@ -785,6 +841,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-masks", action="store_true", help="do not write binary masks")
     s.add_argument("--no-resume", action="store_true", help="recompute everything")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e = s.add_argument_group("scale out (Ray; pip install 'anomalens[ray]', see docs/scale.md)")
+    e.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="images to inspect, one path per line (relative to the file), instead of --images",
+    )
+    e.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process (default); ray: an actor pool on a Ray cluster",
+    )
+    e.add_argument(
+        "--ray-address",
+        help="auto (the cluster this machine belongs to) or HOST:PORT of the head "
+        "(default: a private Ray instance on this machine for the run)",
+    )
+    e.add_argument("--workers", type=int, help="scoring actors (default 2)")
+    e.add_argument(
+        "--gpus-per-worker", type=float, help="GPUs per actor; > 0 runs them on cuda (default 0)"
+    )
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser(
@@ -861,6 +938,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--out", required=True)
     s.add_argument("-q", "--quiet", action="store_true")
+    e = s.add_argument_group("scale out (Ray; pip install 'anomalens[ray]', see docs/scale.md)")
+    e.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: cells one after the other (default); ray: each cell a Ray task",
+    )
+    e.add_argument("--ray-address", help="auto or HOST:PORT (default: a private Ray instance)")
+    e.add_argument("--workers", type=int, help="cells run at the same time (default 2)")
+    e.add_argument("--gpus-per-worker", type=float, help="GPUs per cell (default 0)")
     s.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser(

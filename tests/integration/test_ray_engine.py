@@ -1,0 +1,225 @@
+"""``predict --engine ray`` on a real two-node Ray cluster on this machine (1 CPU per node).
+
+Checks: equal to the single-process run (scores within 1e-6, decisions, files), a scoring
+worker killed mid-run still gives complete results (Ray restarts it and retries its batch),
+and a killed driver's run resumes with every input exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+from anomalens.cli.main import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+METHOD = ["--method", "patchcore", "--backbone", "resnet18", "--weights", "random"]
+METHOD += ["--image-size", "64", "-q"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A head and one worker node on loopback, 1 CPU each; this process is connected to it."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield c.address
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("rayin")
+    good, incoming = root / "good", root / "incoming"
+    good.mkdir()
+    incoming.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(100, 130, (64, 64, 3), dtype=np.uint8)).save(
+            good / f"g{i}.png"
+        )
+    for i in range(24):
+        im = rng.integers(100, 130, (64, 64, 3), dtype=np.uint8)
+        if i % 6 == 0:
+            im[20:40, 20:40] = 255
+        Image.fromarray(im).save(incoming / f"im{i:02d}.png")
+    (incoming / "broken.png").write_bytes(b"not an image")
+    return good, incoming
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _files(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+
+
+def _argv(folders: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    good, incoming = folders
+    return ["predict", *METHOD, "--normal", str(good), "--images", str(incoming), "--out", str(out), *extra]  # fmt: skip
+
+
+def _ray_workers() -> list[int]:
+    """Ids of this test's scoring actor processes (descendants of this process only)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    mine = {os.getpid()}
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                changed = True
+    out = []
+    for pid in mine:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"ray::MapWorker"):
+            out.append(pid)
+    return out
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_ray_run_equals_the_single_process_run(cluster, folders, tmp_path) -> None:
+    local, dist = tmp_path / "local", tmp_path / "ray"
+    assert main(_argv(folders, local)) == 0
+    assert main(_argv(folders, dist, "--engine", "ray", "--workers", "2", "--batch-size", "3")) == 0
+    a, b = _rows(local), _rows(dist)
+    assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) == 24
+    for ra, rb in zip(a, b):
+        assert abs(float(ra["score"]) - float(rb["score"])) <= 1e-6
+        assert ra["decision"] == rb["decision"] and ra["overlay"] == rb["overlay"]
+        assert ra["mask"] == rb["mask"] and ra["threshold"] == rb["threshold"]
+    assert {r["decision"] for r in a} == {"normal", "anomalous"}
+    assert _files(local) == _files(dist)
+    assert (local / "errors.csv").read_text() == (dist / "errors.csv").read_text()
+    assert "broken.png" in (dist / "errors.csv").read_text()
+    for r in b:
+        if r["mask"]:
+            ma = np.asarray(Image.open(local / r["mask"]))
+            mb = np.asarray(Image.open(dist / r["mask"]))
+            assert (ma != mb).mean() < 1e-3  # maps equal to float rounding
+    run = json.loads((dist / "run.json").read_text())
+    assert run["status"] == "complete" and run["engine"]["name"] == "ray"
+    assert run["settings"] == json.loads((local / "run.json").read_text())["settings"]
+
+
+def test_a_worker_killed_mid_run_still_gives_complete_results(cluster, folders, tmp_path):
+    out = tmp_path / "killed"
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            workers = _ray_workers()
+            if workers and _lines(out / "results.jsonl") >= 1:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=kill_one_worker)
+    t.start()
+    code = main(_argv(folders, out, "--engine", "ray", "--workers", "2", "--batch-size", "1"))
+    t.join()
+    assert code == 0 and killed, "no scoring worker was running to be killed"
+    rows = _rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(
+        str(p) for p in folders[1].glob("im*.png")
+    )  # every input exactly once
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == len({x["path"] for x in lines}) == 24
+
+
+def test_a_killed_driver_resumes_with_every_input_once(cluster, folders, tmp_path) -> None:
+    out = tmp_path / "resumed"
+    argv = _argv(folders, out, "--engine", "ray", "--workers", "1", "--batch-size", "1")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anomalens", *argv, "--ray-address", cluster],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    jsonl = out / "results.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _lines(jsonl) < 2 and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    before = _lines(jsonl)
+    assert 2 <= before < 24, f"driver not caught mid-run ({before} rows written)"
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    assert main([*argv, "--ray-address", cluster]) == 0
+    rows = _rows(out)
+    assert len(rows) == len({r["path"] for r in rows}) == 24
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert len(lines) == 24  # the earlier rows kept, the rest added once
+
+
+def test_benchmark_grid_on_ray_equals_the_local_grid_and_resumes(cluster, tmp_path) -> None:
+    from anomalens.data.synthetic import generate_synthetic_dataset, list_synthetic_categories
+
+    cat = list_synthetic_categories()[0]
+    root = generate_synthetic_dataset(
+        tmp_path / "synth", categories=[cat], n_train=4, n_test_good=3, n_test_defect=3,
+        image_size=64, seed=0,
+    )  # fmt: skip
+    grid = ["benchmark", *METHOD, "--dataset", "mvtec", "--root", str(root), "--shots", "1", "2"]
+    grid += ["--seeds", "10", "20"]
+    assert main([*grid, "--out", str(tmp_path / "local")]) == 0
+    dist = tmp_path / "ray"
+    assert main([*grid, "--out", str(dist), "--engine", "ray", "--workers", "2"]) == 0
+
+    def table(out: Path) -> list[dict[str, str]]:
+        with open(out / "results.csv", newline="") as f:
+            return [
+                {k: v for k, v in r.items() if "seconds" not in k and "per_image" not in k}
+                for r in csv.DictReader(f)
+            ]
+
+    assert len(table(dist)) == 4 and table(dist) == table(tmp_path / "local")
+    jobs = sorted((dist / "jobs").rglob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in jobs]
+    assert main([*grid, "--out", str(dist), "--engine", "ray"]) == 0  # all cells finished
+    assert [p.stat().st_mtime_ns for p in jobs] == stamps
