@@ -145,3 +145,20 @@ def test_openvino_and_torchscript_exports_match(fitted: dict[str, object], tmp_p
     score, amap = module(torch.from_numpy(inf_batch))
     torch.testing.assert_close(score, ref.image_score, atol=ATOL, rtol=0)
     torch.testing.assert_close(amap, ref.anomaly_map, atol=ATOL, rtol=0)
+
+
+def test_predict_model_runs_an_exported_folder(
+    fitted: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from anomalens.cli.main import main
+
+    model = export_detector(fitted["det"], tmp_path / "model", threshold=fitted["thr"])
+    argv = ["predict", "--model", str(model), "--images", str(fitted["folder"])]
+    assert main([*argv, "--out", str(tmp_path / "r"), "-q"]) == 0
+    assert "4 images scored with the exported model" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "r" / "results.csv").open()))
+    scores = sorted(float(r["score"]) for r in rows)
+    ref = sorted(float(s) for s in fitted["ref"].image_score)
+    assert np.allclose(scores, ref, atol=1e-4)
+    with pytest.raises(SystemExit, match="threshold is fixed in metadata.json"):
+        main([*argv, "--out", str(tmp_path / "r2"), "--threshold", "1"])

@@ -408,6 +408,43 @@ def _print_summaries(summaries: dict[str, Any], out: str, index: Path) -> None:
     print(f"results: {Path(out) / 'results.csv'}\nreport:  {index}")
 
 
+def _predict_exported(args: argparse.Namespace, model: Path) -> int:
+    """``predict --model EXPORTED_DIR``: run an exported graph with the torch-free inferencer."""
+    from anomalens.inference import load_inferencer, run_folder
+
+    refused = [
+        flag
+        for flag, on in (
+            ("--threshold", args.threshold is not None),
+            ("--pixel-threshold", args.pixel_threshold is not None),
+            ("--calibration", bool(args.calibration)),
+            ("--manifest", bool(getattr(args, "manifest", None))),
+            ("--engine ray", getattr(args, "engine", "local") == "ray"),
+        )
+        if on
+    ]
+    if refused:
+        raise SystemExit(
+            f"error: {', '.join(refused)} cannot be used with an exported model ({model}): its "
+            "threshold is fixed in metadata.json; export again to change it"
+        )
+    rows = run_folder(
+        load_inferencer(model),
+        args.images,
+        args.out,
+        batch_size=args.batch_size,
+        save_overlays=not args.no_overlays,
+        save_masks=not args.no_masks,
+        recursive=args.recursive,
+    )
+    n_anom = sum(r.get("decision") == "anomalous" for r in rows)
+    print(
+        f"{len(rows)} images scored with the exported model {model.name}, {n_anom} anomalous; "
+        f"results: {Path(args.out) / 'results.csv'}"
+    )
+    return 0
+
+
 def _predict_with_model(args: argparse.Namespace) -> int:
     """``predict --model``: score with a fitted model file, no refit."""
     from anomalens.model_file import model_kind
@@ -437,6 +474,8 @@ def _predict_with_model(args: argparse.Namespace) -> int:
         )
     if not getattr(args, "images", None) and not getattr(args, "manifest", None):
         raise SystemExit("error: --model needs --images DIR (the images to inspect)")
+    if not args.groups and model_kind(Path(args.model)) == "export":
+        return _predict_exported(args, Path(args.model))
     recursive = args.recursive or args.groups
     predict = _predict_runner(args)  # flags checked before any listing
     images = _inputs(args, recursive)
