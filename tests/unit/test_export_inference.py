@@ -160,5 +160,5 @@ def test_predict_model_runs_an_exported_folder(
     scores = sorted(float(r["score"]) for r in rows)
     ref = sorted(float(s) for s in fitted["ref"].image_score)
     assert np.allclose(scores, ref, atol=1e-4)
-    with pytest.raises(SystemExit, match="threshold is fixed in metadata.json"):
+    with pytest.raises(SystemExit, match=r"threshold is fixed in metadata\.json"):
         main([*argv, "--out", str(tmp_path / "r2"), "--threshold", "1"])
