@@ -7,11 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anomalens._fileio import atomic_write_bytes
+from anomalens.cli._names import TRAIN_DATASETS, TRAIN_METHODS
 
 __all__ = ["add_train_parser", "collect_samples", "run_train"]
 
-METHODS = ("adaptclip", "anomalyclip")
+METHODS = TRAIN_METHODS
 
 
 def add_train_parser(sub: Any, _add_method_flags: Callable[..., None] | None = None) -> None:
@@ -25,8 +25,13 @@ def add_train_parser(sub: Any, _add_method_flags: Callable[..., None] | None = N
         "used); AdaptCLIP draws one normal prompt image per query from the train split. "
         "Checkpoints are written every epoch; a rerun of the same command resumes.",
     )
-    p.add_argument("method", choices=METHODS)
-    p.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "mpdd", "folder"])
+    p.add_argument("method", choices=METHODS, help="what to train")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=TRAIN_DATASETS,
+        help="auxiliary dataset layout (see docs/data.md)",
+    )
     p.add_argument("--root", required=True, help="auxiliary dataset root")
     p.add_argument("--categories", nargs="+", help="categories to train on (default: all)")
     p.add_argument(
@@ -34,15 +39,18 @@ def add_train_parser(sub: Any, _add_method_flags: Callable[..., None] | None = N
         required=True,
         help="output: a folder, or a .safetensors file (its run folder is FILE.run/)",
     )
-    p.add_argument("--backbone", help="CLIP preset (see `anomalens list backbones`)")
-    p.add_argument("--image-size", type=int, help="input size S")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--backbone",
+        help="CLIP preset, see `anomalens list backbones` (default: the method's own)",
+    )
+    p.add_argument("--image-size", type=int, help="input size S (default: the preset's)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--seed", type=int, help="seed (default: the official one of the method)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--no-resume", action="store_true", help="start over (overwrites)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no status line, no progress bars")
     p.set_defaults(func=run_train)
 
 
@@ -115,6 +123,8 @@ def run_train(args: argparse.Namespace) -> int:
     )
     ckpt = result.checkpoint
     if final is not None:
+        from anomalens._fileio import atomic_write_bytes
+
         atomic_write_bytes(final, ckpt.read_bytes())
         ckpt = final
     print(f"checkpoint: {ckpt}  (use it with --checkpoint {ckpt})")
