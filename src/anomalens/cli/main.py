@@ -282,11 +282,13 @@ def _add_method_flags(
     p: argparse.ArgumentParser, default_method: str | None = None, required: bool | None = None
 ) -> None:
     g = p.add_argument_group("method")
+    needed = default_method is None if required is None else required
     g.add_argument(
         "--method",
-        required=default_method is None if required is None else required,
+        required=needed,
         default=default_method,
-        help=f"detector: {', '.join(METHODS)} (see `anomalens list methods`)",
+        help=f"detector: {', '.join(METHODS)} (see `anomalens list methods`)"
+        + ("" if needed or default_method else "; needed unless --model (default: none)"),
     )
     g.add_argument(
         "--backbone",

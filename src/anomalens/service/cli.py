@@ -29,7 +29,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--token",
         help="access token required on every API call (ANOMALENS_TOKEN); mandatory when "
-        "--host is not a loopback address",
+        "--host is not a loopback address (default: none, no token on localhost)",
     )
     p.add_argument(
         "--database-url",
