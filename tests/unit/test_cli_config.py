@@ -156,3 +156,20 @@ def test_benchmark_config_writes_run_json(synthetic_root, tmp_path):
     assert run["config"]["values"]["shots"] == [1] and run["config"]["values"]["seeds"] == [10]
     assert run["config"]["file"] == str(cfg) and run["finished"] >= run["started"]
     assert (out / "results.csv").is_file()
+
+
+def test_pairs_run_records_the_config(synthetic_root, tmp_path):
+    cat = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    ref = sorted((cat / "train" / "good").glob("*.png"))[0]
+    img = sorted(p for p in (cat / "test").rglob("*.png") if p.parent.name != "good")[0]
+    (tmp_path / "pairs.csv").write_text(f"image,reference\n{img},{ref}\n")
+    out = tmp_path / "o"
+    cfg = _write(
+        tmp_path / "pairs.json",
+        {"method": "refdiff", "pairs": str(tmp_path / "pairs.csv"), "out": str(out),
+         "threshold": 0.3, "option": {"image_size": 96}, "quiet": True},
+    )  # fmt: skip
+    assert main(["predict", "--config", str(cfg)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["values"]["pairs"] == str(tmp_path / "pairs.csv")
+    assert run["config"]["values"]["option"] == ["image_size=96"]
