@@ -35,8 +35,8 @@ EPILOG = """examples:
 
 
 # ----------------------------------------------------------------------------- help format
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps descriptions as written and appends ``(default: X)`` to an option's help.
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help.
 
     Only where the default is a value (not None or an off flag) and the help does not already
     state its default in words.
@@ -55,6 +55,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
         return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+class _RawHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """The same, keeping the description and examples as written (the top-level help)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,13 +220,14 @@ def resolved_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return {"file": getattr(args, "config", None), "values": values}
 
 
-def _add_config_flag(p: argparse.ArgumentParser) -> None:
+def _add_config_flag(p: argparse.ArgumentParser, recorded: bool = True) -> None:
     p.add_argument(
         "--config",
         metavar="FILE",
         help="YAML or JSON file of settings, keys named as the options (image_size: 224, "
-        "option: {k: 3}); flags given on the command line override it; the resolved settings "
-        "are written to run.json (default: none, flags only; see docs/cli.md)",
+        "option: {k: 3}); flags given on the command line override it"
+        + ("; the resolved settings are written to OUT/run.json" if recorded else "")
+        + " (default: none, flags only; see docs/cli.md)",
     )
 
 
@@ -823,6 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anomalens",
         description="Universal visual anomaly detection from zero or a few normal images.",
         epilog=EPILOG,
+        formatter_class=_RawHelpFormatter,
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="more log output")
@@ -933,7 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a model folder (or NAME.anomalens file) for `anomalens predict --model`. Backbone "
         "weights are referenced by name and checksum; --embed-weights stores them too.",
     )
-    _add_config_flag(s)
+    _add_config_flag(s, recorded=False)
     _add_method_flags(s)
     s.add_argument(
         "--normal",
