@@ -6,7 +6,7 @@ they stay equal, so a name added to a registry and forgotten here fails the test
 
 from __future__ import annotations
 
-__all__ = ["DATASETS", "METHODS", "SHOT_RULES", "TRAIN_DATASETS", "TRAIN_METHODS"]
+__all__ = ["DATASETS", "METHODS", "SHOT_RULES"]
 
 #: built-in detectors, as ``anomalens.registry.list_detectors()`` names them (mirrors
 #: ``anomalens.registry._DETECTOR_MODULES``)
@@ -25,9 +25,3 @@ DATASETS: tuple[str, ...] = ("btad", "folder", "mpdd", "mvtec", "pairs", "visa")
 
 #: reference draws of ``anomalens.data.sampling.SHOT_RULES`` (same order: the first is the default)
 SHOT_RULES: tuple[str, ...] = ("without_replacement", "adaptclip", "first")
-
-#: methods ``anomalens train`` trains (adapters / prompts)
-TRAIN_METHODS: tuple[str, ...] = ("adaptclip", "anomalyclip")
-
-#: auxiliary dataset layouts ``anomalens train`` reads (those with labelled test images)
-TRAIN_DATASETS: tuple[str, ...] = ("btad", "folder", "mpdd", "mvtec", "visa")
