@@ -190,9 +190,15 @@ def _now() -> str:
 
 
 def _run_meta(
-    image_paths: Sequence[Path], normal_paths: Sequence[Path], command: Sequence[str] | None
+    image_paths: Sequence[Path],
+    normal_paths: Sequence[Path],
+    command: Sequence[str] | None,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What run.json records about the run itself: version, time, command line, host, inputs."""
+    """What run.json records about the run itself: version, time, command line, host, inputs.
+
+    ``config``: the command's resolved settings (``anomalens.cli.main.resolved_config``).
+    """
     from anomalens import __version__
 
     argv = [str(a) for a in (sys.argv if command is None else command)]
@@ -213,6 +219,7 @@ def _run_meta(
             "num_normal_images": len(normal_paths),
             "normal_images_sha256": _input_checksum(normal_paths),
         },
+        **({"config": config} if config is not None else {}),
     }
 
 
@@ -645,6 +652,7 @@ def run_predict(
     progress: bool = True,
     title: str = "anomalens report",
     command: Sequence[str] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> PredictSummary:
     """Fit on the normal images, score every image, write all outputs into ``out_dir``.
 
@@ -667,9 +675,10 @@ def run_predict(
         category: object name given to ``fit`` (used by methods whose prompts name the
             object, e.g. WinCLIP; see ``Detector.uses_category``).
         command: the command line recorded in run.json (default: ``sys.argv``).
+        config: the command's resolved settings, recorded in run.json (``--config``).
     """
     t0 = time.perf_counter()
-    meta = _run_meta(list(image_paths), list(normal_paths), command)
+    meta = _run_meta(list(image_paths), list(normal_paths), command, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     errors: list[dict[str, str]] = []

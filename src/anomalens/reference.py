@@ -159,6 +159,7 @@ def run_predict_pairs(
     resume: bool = True,
     progress: bool = True,
     title: str = "anomalens reference-based inspection",
+    config: dict[str, Any] | None = None,
 ) -> PredictSummary:
     """Score every image against its own reference and write all outputs into ``out_dir``.
 
@@ -167,6 +168,7 @@ def run_predict_pairs(
         pairs: Samples with ``image_path`` and ``reference_path`` (None: reported, skipped).
         align: ``none``, ``ecc`` or ``homography`` (recorded in run.json).
         threshold: threshold policy (default: from the batch's own scores).
+        config: the command's resolved settings, recorded in run.json (``--config``).
 
     Raises:
         ValueError: a method that takes no reference image, an unknown alignment, no pair.
@@ -259,7 +261,7 @@ def run_predict_pairs(
         )
         thr = batch_robust_threshold(np.array([r["score"] for r in rows_scored]), maps)
     rows = _judge_and_write(out, images, names, rows_scored, thr, save_overlays, save_masks)
-    meta = _run_meta(images, [p.reference_path for p in pairs if p.reference_path], None)
+    meta = _run_meta(images, [p.reference_path for p in pairs if p.reference_path], None, config)
     _write_outputs(out, rows, errors, thr, detector, settings, title, names, images, meta)
     n_anom = sum(r["decision"] == "anomalous" for r in rows)
     return PredictSummary(out, len(rows), n_anom, len(errors), thr, time.perf_counter() - t0, rows)

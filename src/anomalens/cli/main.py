@@ -1,4 +1,9 @@
-"""``anomalens`` command line: fit, predict, export, benchmark, synth, demo, list, weights, train."""
+"""``anomalens`` command line: fit, predict, export, benchmark, synth, demo, list, weights, train,
+serve.
+
+Building the parser imports no torch (choices come from ``anomalens.cli._names``), so ``--help``
+and argument errors answer at once; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "main"]
+from anomalens.cli._names import DATASETS, METHODS, SHOT_RULES
+
+__all__ = ["build_parser", "load_config", "main"]
 
 log = logging.getLogger("anomalens")
 
@@ -26,6 +33,222 @@ EPILOG = """examples:
       --categories bottle screw --shots 1 2 4 --seeds 10 20 30 --out bench/
   anomalens weights download wide_resnet50_2 --to weights/   (on a connected machine)
 """
+
+
+# ----------------------------------------------------------------------------- help format
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help.
+
+    Only where the default is a value (not None or an off flag) and the help does not already
+    state its default in words.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or isinstance(action, argparse._SubParsersAction)
+            or "default" in text.lower()
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+class _RawHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """The same, keeping the description and examples as written (the top-level help)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose sub-commands share the help format above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- config files
+#: commands that take ``--config FILE``
+CONFIG_COMMANDS = ("predict", "fit", "benchmark")
+#: option destinations that a config file may not set
+_NOT_IN_CONFIG = ("help", "config")
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _config_actions(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The options of ``sub`` a config file may set, by destination name."""
+    return {a.dest: a for a in sub._actions if a.option_strings and a.dest not in _NOT_IN_CONFIG}
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings of a YAML (``.yaml``/``.yml``, needs PyYAML) or JSON config file.
+
+    Raises:
+        SystemExit: the file is missing, unreadable, not a mapping, or YAML without PyYAML;
+            the message names the file and the problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"error: config file {path}: cannot be read ({exc})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit(
+                f"error: config file {path}: YAML needs PyYAML (pip install 'anomalens[config]'), "
+                "or write the same settings as JSON"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"error: config file {path}: not valid YAML ({exc})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: config file {path}: not valid JSON ({exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SystemExit(
+            f"error: config file {path}: expected a mapping of option names to values, "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _config_tokens(
+    path: str, data: dict[str, Any], sub: argparse.ArgumentParser, command: str
+) -> list[str]:
+    """Command-line tokens equivalent to the config ``data`` for the sub-command ``sub``.
+
+    Keys are option names with ``-`` or ``_`` (``image-size``, ``image_size``); values are
+    checked with the option's own type and choices, so an error names the file and the key.
+    """
+    actions = _config_actions(sub)
+    items = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(k for k in items if k not in actions)
+    if unknown:
+        raise SystemExit(
+            f"error: config file {path}: unknown key(s) {', '.join(unknown)} for "
+            f"`anomalens {command}`. Known keys: {', '.join(sorted(actions))}"
+        )
+    tokens: list[str] = []
+    for key, value in items.items():
+        action = actions[key]
+        flag = action.option_strings[-1]
+        where = f"config file {path}: key {key!r}"
+        if value is None:
+            continue
+        if action.nargs == 0:  # an on/off flag
+            if not isinstance(value, bool):
+                raise SystemExit(f"error: {where}: expected true or false, got {value!r}")
+            if value != bool(action.default):
+                tokens.append(flag)
+            continue
+        if isinstance(action, argparse._AppendAction) and isinstance(value, dict):
+            values = [f"{k}={json.dumps(v)}" for k, v in value.items()]  # --option map
+        elif isinstance(value, list):
+            if action.nargs not in ("+", "*") and not isinstance(action, argparse._AppendAction):
+                raise SystemExit(f"error: {where}: expected one value, got a list")
+            values = [str(v) for v in value]
+        else:
+            if isinstance(value, dict):
+                raise SystemExit(f"error: {where}: expected a value, got a mapping")
+            values = [str(value)]
+        for v in values:
+            try:
+                converted = action.type(v) if callable(action.type) else v
+            except (TypeError, ValueError):
+                name = getattr(action.type, "__name__", "value")
+                raise SystemExit(f"error: {where}: invalid {name} value {v!r}") from None
+            if action.choices is not None and converted not in action.choices:
+                raise SystemExit(
+                    f"error: {where}: {v!r} is not one of {', '.join(map(str, action.choices))}"
+                )
+        if isinstance(action, argparse._AppendAction):
+            for v in values:
+                tokens += [flag, v]
+        else:
+            tokens += [flag, *values]
+    return tokens
+
+
+def _expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with the settings of its ``--config FILE`` inserted before the given flags.
+
+    The file's settings come right after the command name, so flags on the command line,
+    which argparse reads later, override them (a repeatable ``--option`` adds to the file's).
+    """
+    i = next((n for n, tok in enumerate(argv) if not tok.startswith("-")), None)
+    if i is None or argv[i] not in CONFIG_COMMANDS:
+        return argv
+    rest = argv[i + 1 :]
+    stop = rest.index("--") if "--" in rest else len(rest)
+    path = None
+    for n, tok in enumerate(rest[:stop]):
+        if tok == "--config" and n + 1 < stop:
+            path = rest[n + 1]
+        elif tok.startswith("--config="):
+            path = tok.split("=", 1)[1]
+    if path is None:
+        return argv
+    sub = _subparser(parser, argv[i])
+    assert sub is not None
+    tokens = _config_tokens(path, load_config(path), sub, argv[i])
+    return [*argv[: i + 1], *tokens, *rest]
+
+
+def resolved_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of the command as it was resolved (file, flags, defaults), for run.json.
+
+    ``values`` is itself a valid config file for ``--config``: the same run again.
+    """
+    sub = _subparser(parser, args.command)
+    actions = _config_actions(sub) if sub is not None else {}
+    values = {k: getattr(args, k) for k in sorted(actions) if hasattr(args, k)}
+    return {"file": getattr(args, "config", None), "values": values}
+
+
+def _add_config_flag(p: argparse.ArgumentParser, recorded: bool = True) -> None:
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of settings, keys named as the options (image_size: 224, "
+        "option: {k: 3}); flags given on the command line override it"
+        + ("; the resolved settings are written to OUT/run.json" if recorded else "")
+        + " (default: none, flags only; see docs/cli.md)",
+    )
+
+
+# ----------------------------------------------------------------------------- status line
+#: commands that take seconds or more before their first output
+_LONG_COMMANDS = ("predict", "fit", "benchmark", "train", "demo", "serve")
+
+
+def _status_line(args: argparse.Namespace) -> str:
+    """What a long command is about to load (printed before any slow import)."""
+    if args.command == "serve":
+        return "anomalens serve: starting the inspection service (loading PyTorch)..."
+    what = getattr(args, "method", None)
+    if getattr(args, "model", None):
+        what = f"the model {args.model}"
+    elif what:
+        what = f"the {what} detector"
+    else:
+        what = "the detector" if args.command != "demo" else "the demo"
+    return f"anomalens {args.command}: loading PyTorch and {what}..."
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -75,14 +298,18 @@ def _add_method_flags(
     p: argparse.ArgumentParser, default_method: str | None = None, required: bool | None = None
 ) -> None:
     g = p.add_argument_group("method")
+    needed = default_method is None if required is None else required
     g.add_argument(
         "--method",
-        required=default_method is None if required is None else required,
+        required=needed,
         default=default_method,
-        help="detector name (see `anomalens list methods`)",
+        help=f"detector: {', '.join(METHODS)} (see `anomalens list methods`)"
+        + ("" if needed or default_method else "; needed unless --model (default: none)"),
     )
     g.add_argument(
-        "--backbone", help="backbone name, e.g. wide_resnet50_2, mobilenet_v2, ViT-L-14-336"
+        "--backbone",
+        help="backbone name, e.g. wide_resnet50_2, mobilenet_v2, ViT-L-14-336 (default: the "
+        "method's own; see `anomalens list backbones`)",
     )
     g.add_argument(
         "--weights",
@@ -93,7 +320,7 @@ def _add_method_flags(
         "--checkpoint",
         help="method checkpoint: a file (e.g. from `anomalens train`) or a name from "
         "`anomalens weights list` (default for adaptclip / anomalyclip: the official one "
-        "trained on MVTec AD, fetched and cached)",
+        "trained on MVTec AD, fetched and cached; none for the other methods)",
     )
     g.add_argument(
         "--untrained",
@@ -101,19 +328,56 @@ def _add_method_flags(
         help="adaptclip / anomalyclip: run with random adapters / prompts (tests only; marked "
         "in every output; default: refuse without trained ones)",
     )
-    g.add_argument("--image-size", type=int, help="working resolution S (maps are S x S)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        help="working resolution S: maps are S x S (default: the method's own)",
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="inference precision")
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        help="inference precision (default: the method's own, fp32 for most)",
+    )
     g.add_argument(
         "--tf-padding",
         action="store_true",
-        help="TensorFlow 'SAME' padding for TF-converted CNN weights (the shared MobileNetV2)",
+        help="TensorFlow 'SAME' padding, for CNN weights converted from TensorFlow "
+        "(e.g. a TF MobileNetV2)",
     )
     g.add_argument(
         "--option",
         action="append",
         metavar="KEY=VALUE",
-        help="any other detector option (JSON values), repeatable, e.g. --option k=3",
+        help="any other detector option (JSON values), repeatable, e.g. --option k=3 "
+        "(default: the method's defaults, see docs/methods/)",
+    )
+
+
+def _add_threshold_flags(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("threshold (no labelled defects needed)")
+    t.add_argument(
+        "--threshold",
+        type=float,
+        help="fixed image-score threshold (default: none, set from the normal images)",
+    )
+    t.add_argument(
+        "--pixel-threshold",
+        type=float,
+        help="fixed pixel threshold for masks (default: none, calibrated like the image one)",
+    )
+    t.add_argument(
+        "--calibration",
+        help="folder of extra normal images to calibrate on (default: none, leave-one-out on "
+        "the --normal images)",
+    )
+    t.add_argument(
+        "--percentile",
+        type=float,
+        help="percentile of normal scores (default 99 with --calibration, 100 = max for leave-one-out)",
+    )
+    t.add_argument(
+        "--margin", type=float, default=1.0, help="multiplier on the percentile (default 1)"
     )
     v = p.add_argument_group("image geometry (every method; see docs/resolution.md)")
     v.add_argument(
@@ -278,6 +542,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "resume": not args.no_resume,
         "progress": not args.quiet,
         "title": f"anomalens {args.method}: {Path(args.images or args.manifest).name}",
+        "config": getattr(args, "resolved_config", None),
     }
     if args.object_name and args.class_names:
         raise SystemExit("error: give either --object-name or --class-names, not both")
@@ -372,6 +637,7 @@ def _predict_pairs(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
         resume=not args.no_resume,
         progress=not args.quiet,
         title=f"anomalens {args.method} (reference-based): {source}",
+        config=getattr(args, "resolved_config", None),
     )
     print(
         f"{s.num_scored} pairs scored, {s.num_anomalous} anomalous (threshold "
@@ -488,6 +754,7 @@ def _predict_with_model(args: argparse.Namespace) -> int:
         "save_masks": not args.no_masks,
         "resume": not args.no_resume,
         "progress": not args.quiet,
+        "config": getattr(args, "resolved_config", None),
     }
     model = Path(args.model)
     if args.groups:  # one model per sub-folder of --model, as `anomalens fit --groups` writes
@@ -635,10 +902,42 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         run_cells = functools.partial(run_cells_on_ray, options=options, progress=not args.quiet)
     elif args.ray_address or args.workers is not None or args.gpus_per_worker:
         raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
+    started = _utc_now()
     run_benchmark(cfg, progress=not args.quiet, run_cells=run_cells)
+    _write_run_json(Path(args.out) / "run.json", args, started)
     print((Path(args.out) / "results.md").read_text())
     print(f"written: {args.out}/results.csv, summary.csv, results.json, results.md")
     return 0
+
+
+def _utc_now() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _write_run_json(path: Path, args: argparse.Namespace, started: str) -> None:
+    """run.json of a command whose library call writes none: version, times, command, config."""
+    import platform
+    import shlex
+
+    from anomalens import __version__
+    from anomalens.fileio import atomic_write_json
+
+    argv = ["anomalens", *sys.argv[1:]]
+    atomic_write_json(
+        path,
+        {
+            "anomalens_version": __version__,
+            "started": started,
+            "finished": _utc_now(),
+            "command": shlex.join(argv),
+            "argv": argv,
+            "host": platform.node(),
+            "python": platform.python_version(),
+            "config": getattr(args, "resolved_config", None),
+        },
+    )
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -779,22 +1078,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from anomalens.data.registry import list_datasets
-    from anomalens.data.sampling import SHOT_RULES
-
-    p = argparse.ArgumentParser(
+    """The ``anomalens`` parser with every sub-command (imports no torch)."""
+    p = _Parser(
         prog="anomalens",
         description="Universal visual anomaly detection from zero or a few normal images.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_RawHelpFormatter,
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    s = sub.add_parser("list", help="list methods, backbones and datasets")
+    s = sub.add_parser(
+        "list",
+        help="list methods, backbones and datasets",
+        description="List the names that --method, --backbone and --dataset accept.",
+    )
     s.add_argument(
-        "what", nargs="?", default="all", choices=["all", "methods", "backbones", "datasets"]
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "methods", "backbones", "datasets"],
+        help="what to list",
     )
     s.set_defaults(func=cmd_list)
 
@@ -809,14 +1114,22 @@ def build_parser() -> argparse.ArgumentParser:
         "resume: images already scored with the same settings are skipped. With --model, a "
         "model written by `anomalens fit` is used as it is (no refit, its saved threshold).",
     )
+    _add_config_flag(s)
     _add_method_flags(s, required=False)
     s.add_argument(
         "--model",
         help="a fitted model (folder or .anomalens file from `anomalens fit`) instead of "
-        "--method and --normal; with --groups, the folder of per-group models",
+        "--method and --normal; with --groups, the folder of per-group models (default: none, "
+        "fit with --method)",
     )
-    s.add_argument("--normal", help="folder of k normal (good) images")
-    s.add_argument("--images", help="folder of images to inspect")
+    s.add_argument(
+        "--normal",
+        help="folder of k normal (good) images (default: none, for zero-shot methods)",
+    )
+    s.add_argument(
+        "--images",
+        help="folder of images to inspect (required, except with --pairs; default: none)",
+    )
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--recursive", action="store_true", help="include sub-folders")
     s.add_argument(
@@ -844,18 +1157,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--pairs",
         metavar="FILE",
         help="CSV with columns image,reference[,mask] (paths relative to the file); use "
-        "--method refdiff for golden-template comparison (see docs/reference.md)",
+        "--method refdiff for golden-template comparison, see docs/reference.md (default: none)",
     )
     r.add_argument(
         "--reference-dir",
         metavar="DIR",
-        help="references for --images: same relative path or file name, else the same stem",
+        help="references for --images: same relative path or file name, else the same stem "
+        "(default: none)",
     )
     r.add_argument(
         "--align",
         default="none",
         choices=["none", "ecc", "homography"],
-        help="align each image to its reference first (OpenCV; default: none)",
+        help="align each image to its reference first (OpenCV)",
     )
     r.add_argument(
         "--calibration-pairs",
@@ -863,28 +1177,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="pairs file of known-good pairs to set the threshold on (default: from the "
         "batch, assumed mostly normal)",
     )
-    t = s.add_argument_group("threshold (no labelled defects needed)")
-    t.add_argument("--threshold", type=float, help="fixed image-score threshold")
-    t.add_argument("--pixel-threshold", type=float, help="fixed pixel threshold for masks")
-    t.add_argument("--calibration", help="folder of extra normal images to calibrate on")
-    t.add_argument(
-        "--percentile",
-        type=float,
-        help="percentile of normal scores (default 99 with --calibration, 100 = max for leave-one-out)",
-    )
-    t.add_argument(
-        "--margin", type=float, default=1.0, help="multiplier on the percentile (default 1)"
-    )
-    s.add_argument("--batch-size", type=int, default=8)
+    _add_threshold_flags(s)
+    s.add_argument("--batch-size", type=int, default=8, help="images scored per batch")
     s.add_argument("--no-overlays", action="store_true", help="do not write heat-map overlays")
     s.add_argument("--no-masks", action="store_true", help="do not write binary masks")
     s.add_argument("--no-resume", action="store_true", help="recompute everything")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.add_argument("-q", "--quiet", action="store_true", help="no status line, no progress bars")
     e = s.add_argument_group("scale out (Ray; pip install 'anomalens[ray]', see docs/scale.md)")
     e.add_argument(
         "--manifest",
         metavar="FILE",
-        help="images to inspect, one path per line (relative to the file), instead of --images",
+        help="images to inspect, one path per line (relative to the file), instead of --images "
+        "(default: none)",
     )
     e.add_argument(
         "--engine",
@@ -912,8 +1216,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a model folder (or NAME.anomalens file) for `anomalens predict --model`. Backbone "
         "weights are referenced by name and checksum; --embed-weights stores them too.",
     )
+    _add_config_flag(s, recorded=False)
     _add_method_flags(s)
-    s.add_argument("--normal", help="folder of k normal (good) images")
+    s.add_argument(
+        "--normal",
+        help="folder of k normal (good) images (default: none, for zero-shot methods)",
+    )
     s.add_argument("--out", required=True, help="model folder, or a .anomalens file")
     s.add_argument("--recursive", action="store_true", help="include sub-folders")
     s.add_argument(
@@ -922,7 +1230,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one model per sub-folder of --normal: writes OUT/G/ for each group G "
         "(use with `anomalens predict --model OUT --groups`)",
     )
-    s.add_argument("--object-name", help="object name for methods whose prompts name it (WinCLIP)")
+    s.add_argument(
+        "--object-name",
+        help="object name for methods whose prompts name it (WinCLIP) (default: the method's "
+        "generic word)",
+    )
     s.add_argument(
         "--class-names",
         action="store_true",
@@ -933,18 +1245,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store the backbone weights in the model (self-contained, larger)",
     )
-    t = s.add_argument_group("threshold (no labelled defects needed)")
-    t.add_argument("--threshold", type=float, help="fixed image-score threshold")
-    t.add_argument("--pixel-threshold", type=float, help="fixed pixel threshold for masks")
-    t.add_argument("--calibration", help="folder of extra normal images to calibrate on")
-    t.add_argument(
-        "--percentile",
-        type=float,
-        help="percentile of normal scores (default 99 with --calibration, 100 = max for leave-one-out)",
-    )
-    t.add_argument(
-        "--margin", type=float, default=1.0, help="multiplier on the percentile (default 1)"
-    )
+    s.add_argument("-q", "--quiet", action="store_true", help="no status line")
+    _add_threshold_flags(s)
     s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser(
@@ -956,27 +1258,44 @@ def build_parser() -> argparse.ArgumentParser:
         "run), summary.csv and results.md (mean ± std over seeds) and results.json. Finished "
         "runs are kept in OUT/jobs/ and skipped when the command is run again.",
     )
+    _add_config_flag(s)
     _add_method_flags(s)
-    s.add_argument("--dataset", required=True, choices=list_datasets())
+    s.add_argument(
+        "--dataset",
+        required=True,
+        choices=DATASETS,
+        help="dataset layout (see docs/data.md)",
+    )
     s.add_argument("--root", required=True, help="dataset root folder")
     s.add_argument("--categories", nargs="+", help="categories (default: all under --root)")
     s.add_argument(
         "--shots", nargs="+", type=int, default=[0, 1, 2, 4], help="k values (0 = zero-shot)"
     )
-    s.add_argument("--seeds", nargs="+", type=int, default=[10, 20, 30])
+    s.add_argument(
+        "--seeds", nargs="+", type=int, default=[10, 20, 30], help="seeds of the k-shot draws"
+    )
     s.add_argument(
         "--draw-rule",
-        default="without_replacement",
+        default=SHOT_RULES[0],
         choices=SHOT_RULES,
-        help="reference draw: k distinct images (default), the official AdaptCLIP rule "
+        help="reference draw: k distinct images (without_replacement), the official AdaptCLIP rule "
         "(torch.manual_seed(seed); torch.randint, with replacement), or the first k images "
         "(anomalib's WinCLIP)",
     )
-    s.add_argument("--pixel-mode", default="exact", choices=["exact", "binned"])
-    s.add_argument("--max-test-images", type=int, help="cap test images per category (quick runs)")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--out", required=True)
-    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument(
+        "--pixel-mode",
+        default="exact",
+        choices=["exact", "binned"],
+        help="pixel metrics computed exactly or on binned scores (faster; see docs/metrics.md)",
+    )
+    s.add_argument(
+        "--max-test-images",
+        type=int,
+        help="cap test images per category, for quick runs (default: all)",
+    )
+    s.add_argument("--batch-size", type=int, default=8, help="images scored per batch")
+    s.add_argument("--out", required=True, help="output folder (a rerun resumes in it)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no status line, no progress bars")
     e = s.add_argument_group("scale out (Ray; pip install 'anomalens[ray]', see docs/scale.md)")
     e.add_argument(
         "--engine",
@@ -988,7 +1307,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, help="cells run at the same time (default 2)")
     e.add_argument("--gpus-per-worker", type=float, help="GPUs per cell (default 0)")
     s.set_defaults(func=cmd_benchmark)
-
     s = sub.add_parser(
         "export",
         help="export a fitted detector as one ONNX / OpenVINO / TorchScript graph",
@@ -998,43 +1316,83 @@ def build_parser() -> argparse.ArgumentParser:
         "anomalens.inference (pip install 'anomalens[onnx]' or 'anomalens[openvino]'). "
         "--precision is the exported graph's (fp16: GPU targets).",
     )
-    s.add_argument("--model", help="saved model folder (anomalens fit) instead of --method")
+    s.add_argument(
+        "--model", help="saved model (anomalens fit) instead of --method (default: none)"
+    )
     _add_method_flags(s, default_method="")
-    s.add_argument("--normal", help="folder of k normal (good) images to fit on")
-    s.add_argument("--object-name", help="object name for prompt-based methods (WinCLIP)")
-    s.add_argument("--format", default="onnx", choices=["onnx", "openvino", "torchscript"])
+    s.add_argument(
+        "--normal", help="folder of k normal (good) images to fit on (default: none, zero-shot)"
+    )
+    s.add_argument(
+        "--object-name",
+        help="object name for prompt-based methods (WinCLIP) (default: the method's word)",
+    )
+    s.add_argument(
+        "--format",
+        default="onnx",
+        choices=["onnx", "openvino", "torchscript"],
+        help="graph format",
+    )
     s.add_argument("--out", required=True, help="output folder (written atomically)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    s.add_argument("--quantize", choices=["int8"], help="onnxruntime int8 quantisation (onnx)")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (default: refuse)"
+    )
+    s.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="onnxruntime int8 quantisation, onnx only (default: none, fp32)",
+    )
     s.add_argument(
         "--quantize-calibration",
         help="folder of normal images for static int8 calibration (default: dynamic, weights only)",
     )
     t = s.add_argument_group("threshold stored in metadata.json")
-    t.add_argument("--threshold", type=float, help="fixed image-score threshold")
-    t.add_argument("--pixel-threshold", type=float, help="fixed pixel threshold for masks")
-    t.add_argument("--calibration", help="folder of extra normal images to calibrate on")
-    t.add_argument("--percentile", type=float, help="percentile of normal scores")
+    t.add_argument(
+        "--threshold", type=float, help="fixed image-score threshold (default: leave-one-out)"
+    )
+    t.add_argument(
+        "--pixel-threshold",
+        type=float,
+        help="fixed pixel threshold for masks (default: calibrated with the image threshold)",
+    )
+    t.add_argument(
+        "--calibration",
+        help="folder of extra normal images to calibrate on (default: none, leave-one-out)",
+    )
+    t.add_argument(
+        "--percentile",
+        type=float,
+        help="percentile of normal scores (default: 99 with --calibration, 100 leave-one-out)",
+    )
     t.add_argument("--margin", type=float, default=1.0, help="multiplier on the percentile")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("synth", help="write a seeded synthetic defect dataset (MVTec layout)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--categories", nargs="+", help="subset of the synthetic categories")
-    s.add_argument("--n-train", type=int, default=20)
-    s.add_argument("--n-test-good", type=int, default=10)
+    s = sub.add_parser(
+        "synth",
+        help="write a seeded synthetic defect dataset (MVTec layout)",
+        description="Generate textures and objects with drawn defects and their exact masks, "
+        "in the MVTec AD folder layout, reproducibly from --seed.",
+    )
+    s.add_argument("--out", required=True, help="output folder (the dataset root)")
+    s.add_argument(
+        "--categories", nargs="+", help="subset of the synthetic categories (default: all)"
+    )
+    s.add_argument("--n-train", type=int, default=20, help="normal train images per category")
+    s.add_argument("--n-test-good", type=int, default=10, help="normal test images per category")
     s.add_argument(
         "--n-test-defect", type=int, default=10, help="defective test images per category"
     )
-    s.add_argument("--image-size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=256, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser(
         "demo",
         help="offline demo: synthetic data -> few-shot PatchCore -> report with overlays",
+        description="Generate a small synthetic dataset, fit few-shot PatchCore on a few "
+        "normal images and write the review page; downloads nothing.",
     )
-    s.add_argument("--out", default="demo_out")
+    s.add_argument("--out", default="demo_out", help="output folder")
     s.add_argument(
         "--weights",
         help="MobileNetV2 weights file (default: $ANOMALENS_DEMO_WEIGHTS, else the cached "
@@ -1045,21 +1403,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset the weights were made for (default: $ANOMALENS_DEMO_BACKBONE or "
         "mobilenet_v2; a TF-converted MobileNetV2 needs mobilenet_v2_tf)",
     )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the data and the draw")
+    s.add_argument("-q", "--quiet", action="store_true", help="no status line, no progress bars")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("weights", help="list, download, pack and unpack weights for offline use")
+    s = sub.add_parser(
+        "weights",
+        help="list, download, pack and unpack weights for offline use",
+        description="Weights come from a local path, a URL, an hf-hub:ORG/REPO/FILE id or a "
+        "catalogue name, cached in ~/.cache/anomalens ($ANOMALENS_CACHE). Download on a "
+        "connected machine, pack, carry the bundle, unpack on the offline one.",
+    )
     wsub = s.add_subparsers(dest="action", metavar="ACTION", required=True)
     wsub.add_parser("list", help="catalogue and cache status")
     w = wsub.add_parser("download", help="fetch NAME (catalogue name, URL or hf-hub id) into DIR")
-    w.add_argument("name")
+    w.add_argument("name", help="catalogue name (`anomalens weights list`), URL or hf-hub id")
     w.add_argument("--to", help="folder to download into (default: the cache folder)")
     w = wsub.add_parser("pack", help="pack a folder of weights into one verified tar")
-    w.add_argument("folder")
-    w.add_argument("--out", required=True)
+    w.add_argument("folder", help="folder of weight files")
+    w.add_argument("--out", required=True, help="bundle file to write (.tar)")
     w = wsub.add_parser("unpack", help="verify a bundle and place its files in the cache")
-    w.add_argument("bundle")
+    w.add_argument("bundle", help="bundle file from `anomalens weights pack`")
     w.add_argument("--to", help="destination (default: the cache folder)")
     s.set_defaults(func=cmd_weights)
 
@@ -1072,8 +1436,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_expand_config(parser, argv))
+    if args.command in CONFIG_COMMANDS:
+        args.resolved_config = resolved_config(parser, args)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -1086,6 +1454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command in _LONG_COMMANDS and not getattr(args, "quiet", False):
+        print(_status_line(args), file=sys.stderr, flush=True)  # before any slow import
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -6,8 +6,6 @@ import argparse
 import logging
 import sys
 
-from anomalens.service.settings import ServiceSettings, UnsafeBindError
-
 __all__ = ["add_serve_parser", "run_serve"]
 
 log = logging.getLogger(__name__)
@@ -31,7 +29,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--token",
         help="access token required on every API call (ANOMALENS_TOKEN); mandatory when "
-        "--host is not a loopback address",
+        "--host is not a loopback address (default: none, no token on localhost)",
     )
     p.add_argument(
         "--database-url",
@@ -46,13 +44,20 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--workers", type=int, help="background job threads (ANOMALENS_WORKERS, default 2)"
     )
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="uvicorn's log level",
+    )
     p.set_defaults(func=run_serve)
     return p
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start uvicorn with the settings of ``args`` and the environment; returns an exit code."""
+    from anomalens.service.settings import ServiceSettings, UnsafeBindError
+
     try:
         settings = ServiceSettings.from_env(
             host=args.host,

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anomalens.fileio import atomic_write_bytes
-
 __all__ = ["add_train_parser", "collect_samples", "run_train"]
 
+#: what ``anomalens train`` trains, and the auxiliary dataset layouts it reads (kept here, free
+#: of torch, for the parser; tests/unit/test_cli_help.py checks them against the registries)
 METHODS = ("adaptclip", "anomalyclip", "metauas")
+DATASETS = ("btad", "folder", "mpdd", "mvtec", "pairs", "visa")
 
 
 def add_train_parser(sub: Any, _add_method_flags: Callable[..., None] | None = None) -> None:
@@ -26,8 +27,13 @@ def add_train_parser(sub: Any, _add_method_flags: Callable[..., None] | None = N
         "MetaUAS uses only the normal train images: it trains on synthetic change pairs made "
         "from them (paste, blend, deform). Checkpoints are written every epoch; a rerun of the same command resumes.",
     )
-    p.add_argument("method", choices=METHODS)
-    p.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "mpdd", "folder"])
+    p.add_argument("method", choices=METHODS, help="what to train")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=DATASETS,
+        help="auxiliary dataset layout (see docs/data.md)",
+    )
     p.add_argument("--root", required=True, help="auxiliary dataset root")
     p.add_argument("--categories", nargs="+", help="categories to train on (default: all)")
     p.add_argument(
@@ -35,20 +41,23 @@ def add_train_parser(sub: Any, _add_method_flags: Callable[..., None] | None = N
         required=True,
         help="output: a folder, or a .safetensors file (its run folder is FILE.run/)",
     )
-    p.add_argument("--backbone", help="CLIP preset (see `anomalens list backbones`)")
-    p.add_argument("--image-size", type=int, help="input size S")
-    p.add_argument("--epochs", type=int, help="default: 15 (MetaUAS 30)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, help="default: 1e-3 (MetaUAS 1e-4, AdamW)")
+    p.add_argument(
+        "--backbone",
+        help="CLIP preset, see `anomalens list backbones` (default: the method's own)",
+    )
+    p.add_argument("--image-size", type=int, help="input size S (default: the preset's)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: 15; MetaUAS 30)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3; MetaUAS 1e-4, AdamW)")
     p.add_argument(
         "--encoder-weights",
         help="MetaUAS: EfficientNet-B4 weights for the frozen encoder (timm or "
-        "efficientnet-pytorch state dict; default: random, warns)",
+        "efficientnet-pytorch state dict; default: random, with a warning)",
     )
     p.add_argument("--seed", type=int, help="seed (default: the official one of the method)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--no-resume", action="store_true", help="start over (overwrites)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no status line, no progress bars")
     p.set_defaults(func=run_train)
 
 
@@ -127,6 +136,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _finish(ckpt: Path, final: Path | None) -> None:
     if final is not None:
+        from anomalens.fileio import atomic_write_bytes
+
         atomic_write_bytes(final, ckpt.read_bytes())
         ckpt = final
     print(f"checkpoint: {ckpt}  (use it with --checkpoint {ckpt})")
