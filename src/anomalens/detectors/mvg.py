@@ -137,6 +137,26 @@ def reduce_patch_scores(patch_scores: torch.Tensor, mode: str = "max") -> torch.
     raise ValueError(f"mvg image_score must be one of {IMAGE_SCORES}, got {mode!r}")
 
 
+def sum_level_maps(dmaps: list[torch.Tensor]) -> torch.Tensor:
+    """Sum per-level distance maps on the finest level's grid.
+
+    Args:
+        dmaps: one (B, h_l, w_l) map per feature level, finest first.
+
+    Returns:
+        (B, h_0, w_0): the coarser maps bilinearly resized to the first one's grid, summed.
+    """
+    size = tuple(dmaps[0].shape[-2:])
+    total = dmaps[0]
+    for dmap in dmaps[1:]:
+        if tuple(dmap.shape[-2:]) != size:
+            dmap = F.interpolate(dmap[:, None], size=size, mode="bilinear", align_corners=False)[
+                :, 0
+            ]
+        total = total + dmap
+    return total
+
+
 @register_detector("mvg")
 class GaussianMVG(Detector):
     """Few-shot Gaussian (Mahalanobis) detector with patch-level pooling (spec B.2 a).
@@ -216,18 +236,12 @@ class GaussianMVG(Detector):
 
     def _predict(self, images: list[ImageLike]) -> Prediction:
         levels = self.level_features(images)
-        size = tuple(levels[0].shape[-2:])
-        total = None
+        dmaps = []
         for fmap, mean, whitening in zip(levels, self.means, self.whitenings):
             b, c, h, w = fmap.shape
             d = mahalanobis(fmap.permute(0, 2, 3, 1).reshape(-1, c), mean, whitening)
-            dmap = d.float().reshape(b, h, w)
-            if (h, w) != size:
-                dmap = F.interpolate(
-                    dmap[:, None], size=size, mode="bilinear", align_corners=False
-                )[:, 0]
-            total = dmap if total is None else total + dmap
-        assert total is not None
+            dmaps.append(d.float().reshape(b, h, w))
+        total = sum_level_maps(dmaps)
         maps = gaussian_smooth(upsample(total, self.image_size, self.upsample_mode), self.sigma)
         return Prediction(
             image_score=reduce_patch_scores(total, self.image_score_mode),

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from anomalens.detectors.base import Detector
+from anomalens.detectors.mvg import sum_level_maps
 
 __all__ = ["EXPORTABLE_METHODS", "ExportError", "build_graph", "preprocessing_of"]
 
@@ -132,20 +133,14 @@ class MVGGraph(_Graph):
         if self.patch_size > 1:
             p = self.patch_size
             feats = [F.avg_pool2d(f, p, stride=1, padding=p // 2) for f in feats]
-        size = tuple(feats[0].shape[-2:])
-        total = None
+        dmaps = []
         for i, fmap in enumerate(feats):
             b, c, h, w = fmap.shape
             mean, w_t = getattr(self, f"mean{i}"), getattr(self, f"whitening_t{i}")
             # anomalens.detectors.mvg.mahalanobis with W^T stored
             z = (fmap.permute(0, 2, 3, 1).reshape(-1, c).double() - mean) @ w_t
-            dmap = torch.linalg.vector_norm(z, dim=1).float().reshape(b, h, w)
-            if (h, w) != size:
-                dmap = F.interpolate(
-                    dmap[:, None], size=size, mode="bilinear", align_corners=False
-                )[:, 0]
-            total = dmap if total is None else total + dmap
-        assert total is not None
+            dmaps.append(torch.linalg.vector_norm(z, dim=1).float().reshape(b, h, w))
+        total = sum_level_maps(dmaps)
         maps = gaussian_smooth(upsample(total, self.image_size, self.upsample_mode), self.sigma)
         return reduce_patch_scores(total, self.image_score_mode), maps
 
