@@ -113,10 +113,19 @@ class PredictSummary:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: Images are decoded at full size up to this short side; larger ones are reduced while
+#: decoding (by an integer factor keeping both sides >= this), which bounds the memory a small
+#: file of huge dimensions can take. Outputs (overlays, masks) are at the decoded size.
+DECODE_SIDE = 2048
+
+
 def load_images_reporting(
-    paths: Sequence[Path], errors: list[dict[str, str]]
+    paths: Sequence[Path], errors: list[dict[str, str]], working_size: int | None = DECODE_SIDE
 ) -> list[tuple[Path, np.ndarray]]:
     """Read images; unreadable ones are appended to ``errors`` (path, error) and skipped.
+
+    Images whose sides both exceed twice ``working_size`` are reduced while decoding (see
+    ``anomalens.data.io.load_image``); None decodes every image at full size.
 
     Entries that are not image files at all (dangling or looping symbolic links, folders or
     FIFOs named like images, files without read permission) are reported with that reason
@@ -130,7 +139,7 @@ def load_images_reporting(
             errors.append({"path": display_path(p), "error": reason})
             continue
         try:
-            out.append((Path(p), load_image(p)))
+            out.append((Path(p), load_image(p, working_size=working_size)))
         except ImageReadError as exc:
             log.warning("%s", exc)
             errors.append({"path": display_path(p), "error": exc.reason})

@@ -338,3 +338,23 @@ def test_a_rerun_with_other_settings_says_what_changed(folders, tmp_path, caplog
     with caplog.at_level("WARNING", logger="anomalens.pipeline"):
         run_predict(lambda: create_detector("toy", offset=0.5), paths, tmp_path / "o", **args)
     assert "they are recomputed" in caplog.text and "offset" in caplog.text
+
+
+def test_huge_images_are_reduced_while_decoding(folders, tmp_path):
+    from anomalens.pipeline import DECODE_SIDE
+
+    normal, _ = folders
+    big = tmp_path / "big"
+    big.mkdir()
+    side = 2 * DECODE_SIDE + 100  # both sides over twice the decode side: halved on decode
+    Image.fromarray(np.full((side, side, 3), 120, np.uint8)).save(big / "huge.png")
+    s = run_predict(
+        lambda: create_detector("toy"),
+        [big / "huge.png"],
+        tmp_path / "o",
+        normal_paths=sorted(normal.iterdir()),
+        threshold=ThresholdSpec(fixed=0.5),
+        progress=False,
+    )
+    mask = np.asarray(Image.open(tmp_path / "o" / s.rows[0]["mask"]))
+    assert mask.shape == (side // 2, side // 2)
