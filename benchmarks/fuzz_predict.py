@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from _bad_images import write_bad_images  # noqa: E402
+from anomalens.pipeline import display_path  # noqa: E402
 
 WEIGHTS = REPO / ".." / "shared" / "weights" / "mobilenet_v2_imagenet_int8dequant.safetensors"
 
@@ -140,7 +141,8 @@ def main() -> int:
                 results = len(rows)
             else:
                 errors = len(rows)
-    wanted = set(files)
+    # predict shows names that are not UTF-8 with their bytes escaped (display_path): compare so
+    wanted = {display_path(n) for n in files}
     seen: dict[str, int] = {}
     for n in names:
         seen[n] = seen.get(n, 0) + 1
