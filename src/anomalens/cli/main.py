@@ -865,11 +865,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from anomalens.benchmark.runner import BenchmarkConfig, run_benchmark
 
-    if _image_views(args) is not None:
-        raise SystemExit(
-            "error: --resize, --roi, --tile and --tile-overlap are not yet supported by "
-            "`anomalens benchmark` (benchmarks/resolution_magnetic_tile.py compares them)"
-        )
     cfg = BenchmarkConfig(
         method=args.method,
         dataset=args.dataset,

@@ -239,6 +239,7 @@ def run_predict_ray(
     progress: bool = True,
     title: str = "anomalens report",
     command: Sequence[str] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> PredictSummary:
     """:func:`anomalens.pipeline.run_predict` with the scoring spread over Ray workers.
 
@@ -254,7 +255,7 @@ def run_predict_ray(
     ray = require_ray()
     options = options or RayOptions()
     t0 = time.perf_counter()
-    meta = _run_meta(list(image_paths), list(normal_paths), command)
+    meta = _run_meta(list(image_paths), list(normal_paths), command, config)
     meta["engine"] = {"name": "ray", **asdict(options)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
