@@ -98,6 +98,7 @@ def _markdown(
     plots: dict[tuple[str, int], str],
 ) -> str:
     lines = [f"# {method} on {dataset}", ""]
+    lines += _prompt_list_lines(rows)
     for k in sorted({r["k"] for r in summary}):
         lines += [
             f"## k = {k}" + (" (zero-shot)" if k == 0 else ""),
@@ -148,6 +149,28 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
+def _prompt_list_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The prompt-list files of the run (path, kind, sha256), when the prompts were not drawn."""
+    used: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("prompt_list"):
+            key = (r["prompt_list"], r.get("prompt_list_sha256") or "")
+            used.setdefault(key, {"kind": r.get("prompt_list_kind"), "seeds": set()})
+            used[key]["seeds"].add(r.get("seed"))
+    if not used:
+        return []
+    lines = ["Prompts read from prompt lists, not drawn:", ""]
+    for (path, sha), info in sorted(used.items()):
+        seeds = sorted(s for s in info["seeds"] if s is not None)
+        what = "one prompt per test image" if info["kind"] == "per_query" else "per category"
+        lines.append(
+            f"- `{path}` ({what}; sha256 `{sha}`"
+            + (f"; seed {', '.join(map(str, seeds))}" if seeds else "")
+            + ")"
+        )
+    return [*lines, ""]
+
+
 def _plots(out: Path, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int], str]:
     """One PNG per (category, k) from the jobs' per-image scores; relative links by key."""
     groups: dict[tuple[str, int], list] = defaultdict(list)
@@ -191,6 +214,8 @@ def write_reports(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[dict[
         "fit_seconds",
         "scores_file",
     ]
+    if any(r.get("prompt_list") for r in rows):  # the prompts came from list files
+        flat += ["prompt_list", "prompt_list_sha256", "prompt_list_kind"]
     atomic_write_text(out / "results.csv", _csv(rows, flat))
     sfields = ["category", "k", "num_seeds"] + [x for m in _ALL for x in (m, m + "_std")]
     atomic_write_text(out / "summary.csv", _csv(summary, sfields))

@@ -865,19 +865,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from anomalens.benchmark.runner import BenchmarkConfig, run_benchmark
 
+    if args.prompt_list and args.shots is not None:
+        raise SystemExit(
+            "error: --shots and --prompt-list exclude each other: the list gives the prompts "
+            "(k = the number it lists per category, 1 for a per-test-image list)"
+        )
     cfg = BenchmarkConfig(
         method=args.method,
         dataset=args.dataset,
         root=args.root,
         out=args.out,
         categories=args.categories,
-        shots=args.shots,
+        shots=[0, 1, 2, 4] if args.shots is None else args.shots,
         seeds=args.seeds,
         draw_rule=args.draw_rule,
         method_kwargs=_method_kwargs(args),
         pixel_mode=args.pixel_mode,
         batch_size=args.batch_size,
         max_test_images=args.max_test_images,
+        prompt_list=args.prompt_list,
     )
     run_cells = None
     if args.engine == "ray":
@@ -898,8 +904,19 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     elif args.ray_address or args.workers is not None or args.gpus_per_worker:
         raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
     started = _utc_now()
-    run_benchmark(cfg, progress=not args.quiet, run_cells=run_cells)
-    _write_run_json(Path(args.out) / "run.json", args, started)
+    rows = run_benchmark(cfg, progress=not args.quiet, run_cells=run_cells)
+    lists = {
+        r["prompt_list"]: {
+            "path": r["prompt_list"],
+            "sha256": r.get("prompt_list_sha256"),
+            "kind": r.get("prompt_list_kind"),
+            "seed": r.get("seed"),
+        }
+        for r in rows
+        if r.get("prompt_list")
+    }
+    extra = {"prompt_lists": sorted(lists.values(), key=lambda x: x["path"])} if lists else None
+    _write_run_json(Path(args.out) / "run.json", args, started, extra)
     print((Path(args.out) / "results.md").read_text())
     print(f"written: {args.out}/results.csv, summary.csv, results.json, results.md")
     return 0
@@ -911,8 +928,11 @@ def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _write_run_json(path: Path, args: argparse.Namespace, started: str) -> None:
-    """run.json of a command whose library call writes none: version, times, command, config."""
+def _write_run_json(
+    path: Path, args: argparse.Namespace, started: str, extra: dict[str, Any] | None = None
+) -> None:
+    """run.json of a command whose library call writes none: version, times, command, config
+    (and ``extra``, e.g. the benchmark's prompt-list files with their sha256)."""
     import platform
     import shlex
 
@@ -931,6 +951,7 @@ def _write_run_json(path: Path, args: argparse.Namespace, started: str) -> None:
             "host": platform.node(),
             "python": platform.python_version(),
             "config": getattr(args, "resolved_config", None),
+            **(extra or {}),
         },
     )
 
@@ -1251,7 +1272,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(reproducible from the seed), fit, score test/, compute I-AUROC, I-AP, I-F1max, "
         "P-AUROC, P-AP, P-F1max, P-AUPRO and time per image. Writes results.csv (one row per "
         "run), summary.csv and results.md (mean ± std over seeds) and results.json. Finished "
-        "runs are kept in OUT/jobs/ and skipped when the command is run again.",
+        "runs are kept in OUT/jobs/ and skipped when the command is run again. With "
+        "--prompt-list the normal images are read from list files instead of drawn.",
     )
     _add_config_flag(s)
     _add_method_flags(s)
@@ -1264,10 +1286,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", required=True, help="dataset root folder")
     s.add_argument("--categories", nargs="+", help="categories (default: all under --root)")
     s.add_argument(
-        "--shots", nargs="+", type=int, default=[0, 1, 2, 4], help="k values (0 = zero-shot)"
+        "--shots",
+        nargs="+",
+        type=int,
+        help="k values, 0 = zero-shot; not with --prompt-list, whose files set k "
+        "(default: 0 1 2 4)",
     )
     s.add_argument(
-        "--seeds", nargs="+", type=int, default=[10, 20, 30], help="seeds of the k-shot draws"
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[10, 20, 30],
+        help="seeds of the k-shot draws (or of the --prompt-list files)",
     )
     s.add_argument(
         "--draw-rule",
@@ -1276,6 +1306,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference draw: k distinct images (without_replacement), the official AdaptCLIP rule "
         "(torch.manual_seed(seed); torch.randint, with replacement), or the first k images "
         "(anomalib's WinCLIP)",
+    )
+    s.add_argument(
+        "--prompt-list",
+        metavar="FILE",
+        help="read the normal prompts from a list instead of drawing them (the official MetaUAS "
+        "protocol): a per-category list such as the official oneprompt_seedN.json (any method "
+        "that takes normal images; k = the images listed) or a per-test-image list such as "
+        "test-train-top10pair-eb4.json (MetaUAS*: each image with the first prompt listed; "
+        "metauas only). Paths inside are relative to --root. '{seed}' in FILE reads one file "
+        "per --seeds value ('lists/oneprompt_seed{seed}.json' --seeds 1 3 5 7 9); without it, "
+        "each category runs once. Path and sha256 go into the results; see docs/data.md "
+        "(default: none: k normal images drawn per seed)",
     )
     s.add_argument(
         "--pixel-mode",

@@ -16,6 +16,10 @@ encoder features); ``predict`` pairs each query with one of them:
   lists were precomputed).
 
 ``predict_pairs(images, references)`` scores explicit (query, reference) pairs without ``fit``.
+
+The paper's own prompts are the official list files; ``anomalens benchmark --prompt-list`` reads
+them (:mod:`anomalens.data.prompt_lists`): per class they replace the k-shot draw, per query each
+image is scored with ``predict_pairs`` against its listed prompt.
 """
 
 from __future__ import annotations
