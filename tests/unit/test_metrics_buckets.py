@@ -1,16 +1,52 @@
-"""Exact pixel metrics by two-level histogram (bucket engine, torch engine) vs the sort path."""
+"""Exact pixel metrics by two-level histogram (bucket engine, torch engine) vs the sort path.
+
+The bucket engine has two stores: the compiled paged store (numba; the default) and the numpy
+bucket store (the fallback without numba). Both are checked against the sort path, the paged
+one also with tiny pages and pending buffers (every path: sparse keys, promotion, folds) and
+with one and two threads.
+"""
 
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from anomalens.metrics import PixelMetricAccumulator, UndefinedMetricWarning, _buckets, pixel
-from anomalens.metrics._buckets import group_by_bucket, keys_to_float32, order_keys
+from anomalens.metrics._buckets import BucketStore, group_by_bucket, keys_to_float32, order_keys
+from anomalens.metrics._kernels import PagedStore, available
+
+needs_numba = pytest.mark.skipif(not available(), reason="numba is not installed")
+STORES = ["paged", "paged_tiny", "paged_1thread", "numpy"]
+
+
+@pytest.fixture
+def use_store(monkeypatch: pytest.MonkeyPatch) -> object:
+    """Make new accumulators use the named store."""
+
+    def use(name: str) -> None:
+        if name == "numpy":
+            monkeypatch.setattr(pixel, "_new_store", BucketStore)
+            return
+        if not available():
+            pytest.skip("numba is not installed")
+        if name == "paged_tiny":
+            monkeypatch.setattr(pixel, "_new_store", lambda: PagedStore(page_min=300, pending=5))
+        elif name == "paged_1thread":
+            monkeypatch.setenv("ANOMALENS_METRIC_THREADS", "1")
+            monkeypatch.setattr(pixel, "_new_store", PagedStore)
+        else:
+            monkeypatch.setattr(pixel, "_new_store", PagedStore)
+
+    return use
+
 
 KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 Batches = list[tuple[np.ndarray, np.ndarray]]
@@ -124,30 +160,116 @@ def test_group_by_bucket_is_a_stable_counting_sort() -> None:
 
 # ----------------------------------------------------------------------- bucket engine
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("small_bucket", [0, 1 << 30])
-def test_bucket_engine_equals_sort_path(
-    name: str, small_bucket: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Both per-bucket strategies (65536-bin histogram, radix sort) give the reference counts."""
-    monkeypatch.setattr(_buckets, "_SMALL_BUCKET", small_bucket)
+@pytest.mark.parametrize("store", STORES)
+def test_bucket_engine_equals_sort_path(name: str, store: str, use_store: Any) -> None:
+    """Every store gives the reference counts (ties, signs, infinities, empty classes)."""
+    use_store(store)
     got, _ = _run(CASES[name])
     ref, _ = _run(CASES[name], exact_method="sort")
     assert got._engine == "bucket" and ref._engine == "sort"
+    assert isinstance(got._buckets, BucketStore if store == "numpy" else PagedStore)
     _assert_equal(got, ref)
 
 
-def test_bucket_engine_large_maps_and_chunked_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Buckets with tens of thousands of pixels, grouped over several counting-sort chunks."""
-    monkeypatch.setattr(_buckets, "_GROUP_CHUNK", 10_000)
+@pytest.mark.parametrize("small_bucket", [0, 1 << 30])
+def test_numpy_store_per_bucket_strategies(
+    small_bucket: int, use_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both per-bucket strategies of the numpy store (65536-bin histogram, radix sort)."""
+    use_store("numpy")
+    monkeypatch.setattr(_buckets, "_SMALL_BUCKET", small_bucket)
+    for name in ("seeded", "ties_256", "signed_inf"):
+        _assert_equal(_run(CASES[name])[0], _run(CASES[name], exact_method="sort")[0])
+
+
+def _large_batches() -> Batches:
     rng = np.random.default_rng(3)
-    batches = [
-        ((0.5 + 0.01 * m / 8).astype(np.float32), k) for m, k in _maps(rng, 6, 96, levels=4000)
-    ]
+    return [((0.5 + 0.01 * m / 8).astype(np.float32), k) for m, k in _maps(rng, 6, 96, levels=4000)]
+
+
+def test_numpy_store_large_maps_and_chunked_grouping(
+    use_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Buckets with tens of thousands of pixels, grouped over several counting-sort chunks."""
+    use_store("numpy")
+    monkeypatch.setattr(_buckets, "_GROUP_CHUNK", 10_000)
+    batches = _large_batches()
     got, _ = _run(batches)
     ref, _ = _run(batches, exact_method="sort")
     assert got._buckets.counts.max() > 30_000
     _assert_equal(got, ref)
     assert got._buckets.data.view().nbytes == 2 * got._buckets.size == 2 * got.num_pixels
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_paged_store_pages_folds_and_sparse_keys(
+    threads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Promotion mid-stream, full pending buffers folded, sparse keys of paged buckets."""
+    monkeypatch.setenv("ANOMALENS_METRIC_THREADS", threads)
+    monkeypatch.setattr(pixel, "_new_store", lambda: PagedStore(page_min=12_000, pending=64))
+    batches = [*_large_batches(), *CASES["wide_range"]]  # the first batch (9216 px) is sparse
+    got, _ = _run(batches)
+    ref, _ = _run(batches, exact_method="sort")
+    store = got._buckets
+    assert isinstance(store, PagedStore) and store.threads == int(threads)
+    assert store.n_pages > 0 and store.size == got.num_pixels
+    assert (store.counts[store.page_of < 0] > 0).any()  # some buckets never got a page
+    _assert_equal(got, ref)
+    # the keys handed to the sort path on widening are every key, in order
+    all_keys = np.concatenate([order_keys(m.reshape(-1)) for m, _ in batches])
+    np.testing.assert_array_equal(store.keys(), np.sort(all_keys))
+    probe = np.sort(np.random.default_rng(0).choice(all_keys, 40))
+    np.testing.assert_array_equal(
+        store.count_le(probe), np.searchsorted(np.sort(all_keys), probe, side="right")
+    )
+
+
+@needs_numba
+def test_paged_store_widens_counts_before_uint32_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("anomalens.metrics._kernels._U32_LIMIT", 1000)
+    store = PagedStore(page_min=1)
+    keys = order_keys(np.full(600, 0.5, np.float32))
+    store.add(keys)
+    assert store.hist.dtype == np.uint32
+    store.add(keys)  # 1200 > the (patched) limit: one value's count could overflow
+    assert store.hist.dtype == np.uint64
+    rows = store.rows(keys[:1], np.ones(1))
+    assert rows.neg_eq.tolist() == [1199] and rows.n_neg == 1199
+
+
+@needs_numba
+def test_paged_store_reports_nan_without_storing() -> None:
+    store = PagedStore()
+    counted = store.count(np.array([0.1, np.nan, -np.inf], np.float32))
+    assert counted.nan == 1 and counted.lo == -np.inf and counted.hi == np.float32(0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        store.add_scores(counted)
+    assert store.size == 0
+    acc = PixelMetricAccumulator("exact")
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update(np.array([[np.nan, 1.0]], np.float32), np.array([[0, 1]], bool))
+    assert acc.num_pixels == 0
+
+
+def test_without_numba_the_numpy_store_is_used() -> None:
+    """``ANOMALENS_NO_NUMBA=1`` (or numba missing): same metrics from the numpy store."""
+    code = (
+        "import numpy as np, sys\n"
+        "from anomalens.metrics import PixelMetricAccumulator, _kernels\n"
+        "assert not _kernels.available() and 'numba' not in sys.modules\n"
+        "rng = np.random.default_rng(0)\n"
+        "maps = rng.normal(size=(3, 32, 32)).astype(np.float32)\n"
+        "masks = maps > 1.0\n"
+        "a = PixelMetricAccumulator('exact'); a.update(maps, masks)\n"
+        "b = PixelMetricAccumulator('exact', exact_method='sort'); b.update(maps, masks)\n"
+        "assert type(a._buckets).__name__ == 'BucketStore'\n"
+        "x, y = a.compute(), b.compute()\n"
+        "assert all(abs(x[k] - y[k]) < 1e-12 for k in x), (x, y)\n"
+    )
+    env = {**os.environ, "ANOMALENS_NO_NUMBA": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
 def test_compute_is_repeatable_and_streams_on() -> None:

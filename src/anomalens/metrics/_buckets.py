@@ -265,6 +265,10 @@ class BucketStore:
             parts.append(((b - _OFFSET) << 16) | low.astype(np.int32))
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
+    def rows(self, pos_keys: np.ndarray, pos_weight: np.ndarray) -> ExactRows:
+        """:func:`bucket_rows` of this store (the interface of ``_kernels.PagedStore``)."""
+        return bucket_rows(self, pos_keys, pos_weight)
+
     def count_le(self, keys: np.ndarray) -> np.ndarray:
         """Stored keys ``<= k`` for every k of (T,) int32 ``keys``: (T,) int64."""
         buckets, lows = _split(np.asarray(keys, dtype=np.int32))

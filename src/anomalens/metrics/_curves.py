@@ -233,6 +233,13 @@ def aupro_from_summary(s: RankSummary, fpr_limit: float = 0.3, name: str = "AUPR
     FPR(t) the fraction of negatives scoring >= t. The curve through every distinct
     threshold (tied scores give one diagonal step) is integrated with the trapezoidal rule
     from FPR 0 to ``fpr_limit``, interpolating linearly at the limit, then divided by it.
+
+    The curve is the polyline ``(0, 0)``, then per group j (descending score) a horizontal
+    step at PRO_{j-1} to ``(neg_gt_j / N, PRO_{j-1})`` and a diagonal to
+    ``(neg_ge_j / N, PRO_j)``, and a last horizontal step to ``(1, PRO_last)``. Its segments
+    are summed in closed form (the x values only grow, so the segments inside the limit are
+    a prefix of each kind), with no interleaved copy of the curve: this is
+    :func:`clipped_trapezoid` of that polyline, in O(J) passes over the J groups.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -242,6 +249,44 @@ def aupro_from_summary(s: RankSummary, fpr_limit: float = 0.3, name: str = "AUPR
         return undefined(name, "no anomalous region in the ground-truth masks")
     if s.n_neg == 0:
         return undefined(name, "no normal pixel")
+    limit = float(fpr_limit)
+    pro = np.cumsum(s.region_weight) / s.n_regions
+    x_gt = s.neg_gt / s.n_neg  # start of group j's diagonal
+    x_ge = s.neg_ge / s.n_neg  # its end
+    j = pro.size
+    # horizontal steps h = 0..j: from x_ge[h-1] (0 for h = 0) to x_gt[h] (1 for h = j) at
+    # PRO_{h-1} (0 for h = 0); diagonals d = 0..j-1: from x_gt[d] to x_ge[d].
+    n_h = int(np.searchsorted(x_gt, limit, side="right")) + (1 if limit >= 1.0 else 0)
+    n_d = int(np.searchsorted(x_ge, limit, side="right"))
+    area = 0.0
+    if n_h > 1:  # step 0 lies at PRO 0 and adds nothing
+        k = min(n_h, j) - 1  # steps 1..k end at x_gt[1..k]; step j ends at 1
+        area += float(np.dot(x_gt[1 : k + 1] - x_ge[:k], pro[:k]))
+        if n_h == j + 1 and j:
+            area += (1.0 - float(x_ge[j - 1])) * float(pro[j - 1])
+    if n_d:
+        pro_prev = np.concatenate(([0.0], pro[: n_d - 1]))
+        area += float(np.dot(x_ge[:n_d] - x_gt[:n_d], pro_prev + pro[:n_d])) / 2.0
+    # the one segment that crosses the limit, if any: step n_h or diagonal n_d
+    if n_h <= j:
+        x0 = float(x_ge[n_h - 1]) if n_h else 0.0
+        x1 = float(x_gt[n_h]) if n_h < j else 1.0
+        if x0 < limit < x1:
+            y = float(pro[n_h - 1]) if n_h else 0.0
+            area += (limit - x0) * y
+    if n_d < j:
+        x0, x1 = float(x_gt[n_d]), float(x_ge[n_d])
+        if x0 < limit < x1:
+            y0 = float(pro[n_d - 1]) if n_d else 0.0
+            y1 = float(pro[n_d])
+            y_at = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            area += (limit - x0) * (y0 + y_at) / 2.0
+    return area / limit
+
+
+def _aupro_polyline(s: RankSummary, fpr_limit: float) -> float:
+    """Reference AUPRO: the interleaved polyline through :func:`clipped_trapezoid` (tests)."""
+    assert s.region_weight is not None
     pro = np.cumsum(s.region_weight) / s.n_regions
     j = pro.size
     x = np.empty(2 * j + 2)

@@ -40,7 +40,6 @@ from anomalens.metrics._buckets import (
     BucketStore,
     ExactRows,
     GrowingArray,
-    bucket_rows,
     keys_to_float32,
     order_keys,
     remove_sorted,
@@ -59,6 +58,7 @@ from anomalens.metrics._curves import (
     summary_from_sorted,
     undefined,
 )
+from anomalens.metrics._kernels import PagedStore, available
 from anomalens.metrics.image import as_labels, as_scores
 
 __all__ = [
@@ -85,6 +85,11 @@ _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE[1] = True
 _FINE_LIMIT = 1 << 62
 _CHUNK = 1 << 17  # elements per cache-sized chunk when binning
+
+
+def _new_store() -> BucketStore | PagedStore:
+    """The exact store: compiled paged histograms, or the numpy bucket store without numba."""
+    return PagedStore() if available() else BucketStore()
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -267,7 +272,7 @@ class PixelMetricAccumulator:
         self._engine: _Engine | None = None
         self._neg = GrowingArray()  # "sort": normal scores
         self._neg_sorted = True
-        self._buckets = BucketStore()  # "bucket": normal keys grouped by high 16 bits
+        self._buckets = _new_store()  # "bucket": exact counts of all pixels' keys
         self._neg_keys: list[torch.Tensor] = []  # "torch": normal keys on the maps' device
         self._pos: list[Any] = []  # anomalous scores (numpy, or torch on the device)
         self._rows_cache: tuple[int, ExactRows] | None = None
@@ -321,8 +326,15 @@ class PixelMetricAccumulator:
         maps, masks = _as_batch(maps, masks)
         if maps.size == 0:
             return
-        lo, hi = maps.min(), maps.max()
-        if np.isnan(lo) or np.isnan(hi):
+        counted = None
+        if self._paged(maps.dtype):  # the count pass also finds min, max and NaN
+            assert isinstance(self._buckets, PagedStore)
+            counted = self._buckets.count(maps.reshape(-1))
+            lo, hi, has_nan = counted.lo, counted.hi, counted.nan > 0
+        else:
+            lo, hi = maps.min(), maps.max()
+            has_nan = bool(np.isnan(lo) or np.isnan(hi))
+        if has_nan:
             raise ValueError("maps contain NaN; replace them before computing metrics")
         self._min = lo if self._min is None else min(self._min, lo)
         self._max = hi if self._max is None else max(self._max, hi)
@@ -333,7 +345,10 @@ class PixelMetricAccumulator:
         if self.mode == "exact":
             self._set_engine("bucket" if self._bucket_dtype(maps.dtype) else "sort")
             if self._engine == "bucket":  # all pixels; compute subtracts the anomalous ones
-                self._buckets.add(flat.view(np.int32) if lo > 0 else order_keys(flat))
+                if counted is not None and isinstance(self._buckets, PagedStore):
+                    self._buckets.add_scores(counted)
+                else:
+                    self._buckets.add(flat.view(np.int32) if lo > 0 else order_keys(flat))
             else:
                 self._neg.append(flat[~mflat] if pos_scores.size else flat)
                 self._neg_sorted = False
@@ -345,6 +360,15 @@ class PixelMetricAccumulator:
             self._update_binned(flat, pos_scores, pos_w[pos_region], float(lo), float(hi))
         self.num_regions += int(sizes.size)
         self.num_pixels += flat.size
+
+    def _paged(self, dtype: np.dtype) -> bool:
+        """Whether this batch goes to the compiled store (exact bucket engine, float32)."""
+        return (
+            self.mode == "exact"
+            and self._bucket_dtype(dtype)
+            and self._engine in (None, "bucket")
+            and isinstance(self._buckets, PagedStore)
+        )
 
     def _bucket_dtype(self, dtype: np.dtype) -> bool:
         return self.exact_method == "bucket" and dtype == np.float32
@@ -366,7 +390,7 @@ class PixelMetricAccumulator:
         elif self._engine == "bucket" and engine == "sort":
             pos = np.sort(order_keys(np.concatenate(self._pos))) if self._pos else []
             self._neg.append(keys_to_float32(remove_sorted(self._buckets.keys(), pos)))
-            self._buckets = BucketStore()
+            self._buckets = _new_store()
             self._neg_sorted = False
             self._engine = "sort"
 
@@ -610,7 +634,7 @@ class PixelMetricAccumulator:
             if len(self._pos) > 1:
                 self._pos = [np.concatenate(self._pos)]
             pos = self._pos[0] if self._pos else np.zeros(0, np.float32)
-            rows = bucket_rows(self._buckets, order_keys(pos), inv_size[region])
+            rows = self._buckets.rows(order_keys(pos), inv_size[region])
         self._rows_cache = (self.num_pixels, rows)
         return rows
 
