@@ -6,8 +6,14 @@ the MVTec AD test set at the usual zero-shot resolution) in batches to
 ``compute`` (map generation excluded; wall and process CPU time, the latter being the
 better figure on a shared machine), the tracemalloc peak of the pass, and the largest
 absolute difference of the binned metrics from the exact ones. Modes: ``exact`` (the
-default bucket engine), ``binned``, and ``sort`` (the former sort-based exact path, kept as
-the reference; slow where numpy's sort kernel is slow).
+default bucket engine: numba kernels on every core, see ``ANOMALENS_METRIC_THREADS``),
+``exact1`` (the same on one thread), ``numpy`` (the bucket engine's numpy fallback, used
+without numba), ``binned``, and ``sort`` (the former sort-based exact path, kept as the
+reference; slow where numpy's sort kernel is slow). Peak memory is reported twice: the
+tracemalloc peak (numpy's allocations only) and the peak resident-set growth during the pass
+(sampled every 5 ms; includes memory the compiled kernels allocate). The JIT warm-up (numba
+compiling the kernels, or loading them from its disk cache) is timed separately, before any
+pass.
 
 Then, on a subset of ``--peer-n`` maps that fits in memory as one array, it times the peers
 that are installed: scikit-learn's ``roc_auc_score`` + ``average_precision_score``,
@@ -34,6 +40,7 @@ import json
 import os
 import platform
 import resource
+import threading
 import time
 import tracemalloc
 import warnings
@@ -92,13 +99,79 @@ def batches(n: int, size: int, batch: int, seed: int) -> Iterator[tuple[np.ndarr
         yield synthetic_batch(seed * 100_003 + k, min(batch, n - start), size)
 
 
+class RssPeak:
+    """Peak growth of the resident set size over its value at start (sampled, Linux)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss())
+
+    def stop(self) -> float:
+        """Stop sampling; the peak growth in bytes."""
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        return float(self.peak - self.base)
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _accumulator(mode: str, args: argparse.Namespace) -> PixelMetricAccumulator:
+    if mode == "sort":
+        return PixelMetricAccumulator("exact", exact_method="sort")
+    if mode in ("exact", "exact1", "numpy"):
+        acc = PixelMetricAccumulator("exact")
+        if mode == "exact1":
+            os.environ["ANOMALENS_METRIC_THREADS"] = "1"  # read when the store is created
+            acc.reset()
+            del os.environ["ANOMALENS_METRIC_THREADS"]
+        elif mode == "numpy":
+            from anomalens.metrics._buckets import BucketStore
+
+            acc._buckets = BucketStore()
+        return acc
+    return PixelMetricAccumulator(mode, num_bins=args.bins)  # type: ignore[arg-type]
+
+
+def kernel_warmup() -> str:
+    """Compile (or load from numba's disk cache) the exact kernels; say what ran."""
+    from anomalens.metrics import _kernels
+
+    t0 = time.perf_counter()
+    acc = PixelMetricAccumulator("exact")
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 32, 32), dtype=np.float32)
+    acc.update(maps, maps > 0.9)
+    acc.compute()
+    seconds = time.perf_counter() - t0
+    kernels = _kernels.compiled()
+    if kernels is None:
+        return "numba not available: the exact mode runs the numpy store"
+    return (
+        f"numba {kernels.numba.__version__}, {_kernels.threads()} threads; "
+        f"kernels ready in {seconds:.2f} s (first run on a machine compiles, later runs load "
+        f"numba's disk cache)"
+    )
+
+
 def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
     """Feed every batch to one accumulator; time update + compute only."""
+    rss = RssPeak()
     tracemalloc.start()
-    if mode == "sort":
-        acc = PixelMetricAccumulator("exact", exact_method="sort")
-    else:
-        acc = PixelMetricAccumulator(mode, num_bins=args.bins)  # type: ignore[arg-type]
+    acc = _accumulator(mode, args)
     t_update = t_gen = cpu = 0.0
     anomalous = total = 0
     t0 = time.perf_counter()
@@ -121,6 +194,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
     bounds = acc.error_bounds()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    rss_peak = rss.stop()
     return {
         "mode": mode,
         "seconds": t_update + t_compute,
@@ -131,6 +205,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
         "generate_s": t_gen,
         "store_mb": store / 2**20,
         "peak_mb": peak / 2**20,
+        "rss_peak_mb": rss_peak / 2**20,
         "anomalous_pixel_fraction": anomalous / max(total, 1),
         "regions": acc.num_regions,
         "metrics": metrics,
@@ -245,8 +320,9 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=["binned", "exact"],
-        choices=["binned", "exact", "sort"],
-        help="full-size passes (sort = the former sort-based exact path)",
+        choices=["binned", "exact", "exact1", "numpy", "sort"],
+        help="full-size passes (exact1 = exact on one thread, numpy = the fallback without "
+        "numba, sort = the former sort-based exact path)",
     )
     parser.add_argument(
         "--peer-n", type=int, default=100, help="maps in the peer comparison (0: none)"
@@ -260,6 +336,7 @@ def main() -> None:
     pixels = args.n * args.size * args.size
     print(f"CPU: {cpu_description()}")
     print(f"sort kernel: {numpy_sort_kernel()}")
+    print(f"exact kernels: {kernel_warmup()}")
     print(
         f"{args.n} maps of {args.size}x{args.size} = {pixels / 1e6:.1f} M pixels, batch {args.batch}"
     )
@@ -268,7 +345,8 @@ def main() -> None:
         print(
             f"{r['mode']:>6}: {r['seconds']:7.2f} s wall, {r['cpu_s']:.2f} s CPU ({r['compute_cpu_s']:.2f} in compute; wall: update {r['update_s']:.2f} s, compute "
             f"{r['compute_s']:.2f} s; generation {r['generate_s']:.2f} s not counted), store "
-            f"{r['store_mb']:.0f} MiB, tracemalloc peak {r['peak_mb']:.0f} MiB"
+            f"{r['store_mb']:.0f} MiB, tracemalloc peak {r['peak_mb']:.0f} MiB, RSS growth "
+            f"{r['rss_peak_mb']:.0f} MiB"
         )
         print("        " + ", ".join(f"{k}={v:.6f}" for k, v in r["metrics"].items()))
     row: dict[str, object] = {
@@ -283,6 +361,7 @@ def main() -> None:
         row[f"{mode}_s"] = round(float(r["seconds"]), 3)  # type: ignore[arg-type]
         row[f"{mode}_cpu_s"] = round(float(r["cpu_s"]), 3)  # type: ignore[arg-type]
         row[f"{mode}_peak_mb"] = round(float(r["peak_mb"]), 1)  # type: ignore[arg-type]
+        row[f"{mode}_rss_peak_mb"] = round(float(r["rss_peak_mb"]), 1)  # type: ignore[arg-type]
     exact_key = "exact" if "exact" in results else "sort" if "sort" in results else None
     if exact_key and "binned" in results:
         exact, binned = results[exact_key]["metrics"], results["binned"]["metrics"]
@@ -306,9 +385,11 @@ def main() -> None:
         masks = np.concatenate([k for _, k in parts])
         del parts
         ref = results[exact_key]["cpu_s"] / args.n if exact_key else None  # type: ignore[operator]
+        ref_wall = results[exact_key]["seconds"] / args.n if exact_key else None  # type: ignore[operator]
         print(
             f"peers on the first {n_sub} maps ({maps.size / 1e6:.1f} M pixels, one array); "
-            f"ratio = peer CPU s/map over the full-size {exact_key} run's CPU s/map"
+            f"ratios = peer s/map over the full-size {exact_key} run's s/map, by CPU time "
+            f"(work) and by wall time (the peers run on one thread)"
         )
         runs = peer_runs(maps, masks)
         stack = ("torchmetrics AUROC+AP", "anomalib AUPRO")
@@ -320,7 +401,9 @@ def main() -> None:
             )
         for name, (wall, cpu, out) in runs.items():
             per_map = cpu / n_sub
-            ratio = f"{per_map / ref:8.1f}x" if ref else "     n/a"
+            ratio = f"{per_map / ref:8.1f}x CPU" if ref else "     n/a"
+            if ref_wall:
+                ratio += f" {wall / n_sub / ref_wall:8.1f}x wall"
             values = ", ".join(f"{k}={float(v):.6f}" for k, v in out.items())
             print(
                 f"  {name:<36} {wall:7.2f} s wall {cpu:7.2f} s CPU {per_map * 1e3:8.1f} ms CPU/map "
@@ -328,6 +411,7 @@ def main() -> None:
             )
             key = "".join(c if c.isalnum() else "_" for c in name.lower())
             row[f"peer_{key}_cpu_ms_per_map"] = round(per_map * 1e3, 2)
+            row[f"peer_{key}_wall_ms_per_map"] = round(wall / n_sub * 1e3, 2)
         row["peer_n"] = n_sub
     row["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(row))

@@ -1,98 +1,76 @@
-"""Private: compiled (numba) kernels of the exact pixel metrics, and the store built on them.
+"""Private: the compiled exact store of the pixel metrics (numba kernels on a thread pool).
 
 The exact metrics need, at every distinct anomalous score ``v``, the number of normal pixels
 below ``v`` and equal to ``v``. :class:`PagedStore` keeps the exact count of every float32
-value seen, in a form that costs O(1) per pixel and no comparison sort:
+value seen, at O(1) work per pixel and with no comparison sort:
 
-* A pixel's int32 *order key* (``_buckets.order_keys``) splits into a bucket (high 16 bits)
-  and a low part (low 16 bits).
-* A bucket that has received at least ``PAGE_MIN`` pixels owns a *page*: a 65536-bin
-  histogram of its low parts (uint32 counts, widened to uint64 before any count could
-  overflow). Pixels of a paged bucket are first appended to the page's small *pending*
-  buffer of low parts and folded into the histogram when the buffer is full, so the
-  histogram's cache lines are touched in bursts instead of once per pixel (a direct
-  increment per pixel is ~15 ns here: every increment misses the cache).
-* Pixels of a bucket below ``PAGE_MIN`` are kept as raw int32 keys (*sparse*), 4 bytes per
-  pixel, so scores spread thinly over many exponents never allocate pages.
+* A pixel's int32 *order key* (``_buckets.order_keys``: same order and equality as the
+  floats) splits into a *bucket* (high 16 bits) and a *low part* (low 16 bits).
+* A bucket that has received at least ``PAGE_MIN`` pixels owns a *page* per thread: a
+  65536-bin histogram of its low parts (uint32 counts, widened to uint64 before any count
+  could overflow). A paged pixel's low part is first appended to its page's *pending*
+  buffer, and a full buffer (``PENDING`` low parts) is folded into the histogram at once:
+  65536 increments into one 256 KiB page stay in the CPU cache, whereas incrementing the
+  histogram once per pixel misses the cache nearly every time (~11-15 ns per pixel here,
+  against ~2 ns this way).
+* Pixels of a bucket with fewer pixels are kept as raw int32 keys (*sparse*, 4 bytes per
+  pixel), so scores spread thinly over many exponents never allocate pages; at ``compute``
+  they are grouped by bucket (counting sort) and those of buckets paged meanwhile folded in.
 
-Memory is therefore about 320 KiB per paged bucket plus 4 bytes per sparse pixel, instead of
-the 2 bytes per pixel of ``_buckets.BucketStore`` (1725 maps of 518 x 518: ~0.3 GB vs 0.9 GB).
+Each batch is split into T contiguous shares, one per thread (``ANOMALENS_METRIC_THREADS``,
+default: the CPU count); thread t only writes its own pages and pending buffers, so no
+locks are needed, and ``compute`` adds the T pages of a bucket up. The kernels are serial
+numba functions that release the GIL, run on a small thread pool.
 
-``compute`` folds everything pending, then walks the buckets in ascending order with the
-anomalous pixels grouped per bucket (counting sort) and reads every row off the page (or a
-histogram of the bucket's sparse keys): linear time. The kernels run on ``numba`` threads
-(``ANOMALENS_METRIC_THREADS``, default: numba's thread count, i.e. the CPU count): each
-thread owns a contiguous range of buckets, balanced by the batch's pixel counts, so no two
-threads write the same page. Without numba the numpy ``BucketStore`` is used instead (same
-results, about 4x slower); ``ANOMALENS_NO_NUMBA=1`` forces that fallback.
+``compute`` walks the buckets that hold anomalous pixels (grouped by a counting sort), each
+bucket's all-pixel counts from its pages or sparse keys, and emits one row per distinct
+anomalous key with the exact normal counts below and equal: linear time, buckets split over
+the threads. The result is identical to the numpy ``BucketStore`` and to the sort path.
+
+Memory: T x (256 KiB histogram + 128 KiB pending) per paged bucket plus 4 bytes per sparse
+pixel. Without numba (or with ``ANOMALENS_NO_NUMBA=1``) the numpy ``BucketStore`` is used:
+same results, 2 bytes per pixel, several times slower.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
-import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from types import SimpleNamespace
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from anomalens.metrics._buckets import NUM_BUCKETS, ExactRows, GrowingArray, keys_to_float32
 
-__all__ = [
-    "PAGE_MIN",
-    "PENDING",
-    "Counted",
-    "PagedStore",
-    "available",
-    "compiled",
-    "numba_threads",
-]
+__all__ = ["PAGE_MIN", "PENDING", "Counted", "PagedStore", "available", "compiled", "threads"]
 
 log = logging.getLogger(__name__)
 
 _OFFSET = 1 << 15
-PAGE_MIN = 1 << 17  # pixels a bucket needs before it gets its pages
-PENDING = 1 << 16  # low parts buffered per page before they are folded into its histogram
+PAGE_MIN = 1 << 16  # pixels a bucket needs before it gets its pages
+PENDING = 1 << 16  # low parts buffered per page and thread before they are folded
 _U32_LIMIT = (1 << 32) - 1
 _I32 = (-(1 << 31), (1 << 31) - 1)
-# numba's default ("workqueue") thread pool must not be entered from two threads at once
-_LOCK = threading.Lock()
 
 
 def _disabled() -> bool:
     return os.environ.get("ANOMALENS_NO_NUMBA", "").strip() not in ("", "0")
 
 
-def numba_threads() -> int:
-    """Threads the kernels use: ``ANOMALENS_METRIC_THREADS`` or numba's current count."""
-    kernels = compiled()
-    if kernels is None:
-        return 1
-    numba = kernels.numba
-    raw = os.environ.get("ANOMALENS_METRIC_THREADS", "").strip()
-    limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))
-    if raw:
-        try:
-            return max(1, min(int(raw), limit))
-        except ValueError as err:
-            raise ValueError(f"ANOMALENS_METRIC_THREADS must be an integer, got {raw!r}") from err
-    return max(1, min(int(numba.get_num_threads()), limit))
-
-
-def available() -> bool:
-    """Whether the compiled kernels can be used (numba importable, not switched off)."""
-    return compiled() is not None
-
-
 @functools.cache
-def compiled() -> SimpleNamespace | None:
-    """The numba kernels, defined on first use (``import numba`` alone takes ~0.5 s).
+def compiled() -> ModuleType | None:
+    """The numba kernels (``_numba_kernels``), imported on first use.
 
+    ``import numba`` alone takes about 0.5 s, so ``import anomalens.metrics`` does not do it.
     Returns None when numba cannot be imported or ``ANOMALENS_NO_NUMBA=1``; the callers then
-    use the numpy ``BucketStore``. Compiled code is cached on disk (numba ``cache=True``), so
-    only the first run on a machine pays the compilation (a few seconds).
+    use the numpy ``BucketStore``. Compiled code is cached on disk (numba ``cache=True``):
+    only the first run on a machine pays the compilation (~5-10 s).
     """
     if _disabled():
         return None
@@ -101,19 +79,48 @@ def compiled() -> SimpleNamespace | None:
     except ImportError as err:  # pragma: no cover - numba is a dependency
         log.warning("numba is not available (%s): exact pixel metrics use the numpy path", err)
         return None
-    return SimpleNamespace(
-        **{name: getattr(_numba_kernels, name) for name in _numba_kernels.__all__}
-    )
+    return _numba_kernels
 
 
-def _balanced_cuts(counts: np.ndarray, parts: int) -> np.ndarray:
-    """(parts + 1,) bucket boundaries splitting ``counts`` into ranges of similar totals."""
-    if parts <= 1:
-        return np.array([0, NUM_BUCKETS], np.int64)
-    cum = np.cumsum(counts)
-    targets = cum[-1] * np.arange(1, parts) / parts
-    inner = np.searchsorted(cum, targets, side="left") + 1
-    return np.concatenate(([0], np.maximum.accumulate(inner), [NUM_BUCKETS])).astype(np.int64)
+def available() -> bool:
+    """Whether the compiled kernels can be used (numba importable, not switched off)."""
+    return compiled() is not None
+
+
+def threads() -> int:
+    """Threads of a new store: ``ANOMALENS_METRIC_THREADS``, else the usable CPU count."""
+    raw = os.environ.get("ANOMALENS_METRIC_THREADS", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError as err:
+            raise ValueError(f"ANOMALENS_METRIC_THREADS must be an integer, got {raw!r}") from err
+        return max(1, min(value, 64))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 64))
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="anomalens-metrics")
+
+
+def _parallel(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Run the calls (GIL-free kernels) on the pool; the first one on this thread."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    futures = [_pool(len(calls) - 1).submit(c) for c in calls[1:]]
+    first = calls[0]()
+    return [first, *(f.result() for f in futures)]
+
+
+def _shares(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous (start, stop) shares of range(n)."""
+    step = -(-n // parts)
+    return [(min(n, t * step), min(n, (t + 1) * step)) for t in range(parts)]
 
 
 @dataclass(frozen=True)
@@ -124,8 +131,8 @@ class Counted:
         values: (M,) int32 float bits (``from_float``) or order keys.
         from_float: whether ``values`` are float32 bits.
         local: (T, 65536) int64 pixels per bucket in each thread's share.
-        lo: smallest score (float32; ``+inf`` for an all-NaN batch).
-        hi: largest score (float32; ``-inf`` for an all-NaN batch).
+        lo: smallest score (float32; meaningless for an all-NaN batch).
+        hi: largest score (float32; meaningless for an all-NaN batch).
         nan: number of NaN scores.
     """
 
@@ -140,11 +147,9 @@ class Counted:
 class PagedStore:
     """Exact counts of every int32 order key added (see the module docstring).
 
-    Every thread of the kernels owns its own pages and pending buffers (``hist[:, t]``,
-    ``pending[:, t]``), filled from its contiguous share of each batch, so threads never
-    write the same memory; ``rows`` adds the threads' pages up. The thread count is fixed
-    when the store is created. Pages are the leading axis, so adding pages grows the arrays
-    in place (``ndarray.resize``: a realloc, usually an ``mremap`` without copying).
+    Args:
+        page_min: pixels a bucket needs before it gets pages.
+        pending: low parts buffered per page and thread before a fold.
     """
 
     def __init__(self, page_min: int = PAGE_MIN, pending: int = PENDING) -> None:
@@ -153,16 +158,17 @@ class PagedStore:
         kernels = compiled()
         if kernels is None:
             raise RuntimeError(
-                "the paged store needs numba (pip install numba), or set ANOMALENS_NO_NUMBA=1 "
-                "to use the numpy store"
+                "the paged store needs numba (pip install numba); without it the numpy "
+                "BucketStore is used"
             )
-        self._k = kernels
+        self._k: Any = kernels
         self.page_min = int(page_min)
-        self.threads = numba_threads()
+        self.threads = threads()
         t = self.threads
         self.counts = np.zeros(NUM_BUCKETS, dtype=np.int64)  # all pixels per bucket
         self.page_of = np.full(NUM_BUCKETS, -1, dtype=np.int32)
         self.n_pages = 0
+        # pages lead, so adding pages grows the arrays in place (ndarray.resize: a realloc)
         self.hist = np.zeros((0, t, NUM_BUCKETS), dtype=np.uint32)
         self.pending = np.zeros((0, t, int(pending)), dtype=np.uint16)
         self.pending_n = np.zeros((t, 0), dtype=np.int64)  # (thread, page): no false sharing
@@ -192,6 +198,7 @@ class PagedStore:
         pending_n[:, :cap] = self.pending_n
         self.pending_n = pending_n
 
+    # ------------------------------------------------------------------ add
     def count(self, scores: np.ndarray) -> Counted:
         """First half of :meth:`add_scores`: count a batch without storing it.
 
@@ -205,10 +212,18 @@ class PagedStore:
         return self._count(bits, True)
 
     def _count(self, values: np.ndarray, from_float: bool) -> Counted:
-        with _LOCK:
-            local, lo, hi, nan = self._k.count_buckets(values, self.threads, from_float)
-        lo_hi = keys_to_float32(np.array([lo, hi], dtype=np.int64).clip(*_I32))
-        return Counted(values, from_float, local, lo_hi[0], lo_hi[1], int(nan))
+        local = np.zeros((self.threads, NUM_BUCKETS), dtype=np.int64)
+        shares = _shares(values.size, self.threads)
+        out = _parallel(
+            [
+                functools.partial(self._k.count, values, a, b, from_float, local[t])
+                for t, (a, b) in enumerate(shares)
+            ]
+        )
+        lo = min(o[0] for o in out)
+        hi = max(o[1] for o in out)
+        lo_hi = keys_to_float32(np.clip(np.array([lo, hi], dtype=np.int64), *_I32))
+        return Counted(values, from_float, local, lo_hi[0], lo_hi[1], sum(o[2] for o in out))
 
     def add_scores(self, counted: Counted) -> None:
         """Store a batch counted by :meth:`count` (which must have found no NaN)."""
@@ -217,14 +232,15 @@ class PagedStore:
         self._add(counted)
 
     def add(self, keys: np.ndarray) -> None:
-        """Count (M,) int32 order keys."""
-        keys = np.ascontiguousarray(keys, dtype=np.int32)
-        self._add(self._count(keys, False))
+        """Count and store (M,) int32 order keys."""
+        self._add(self._count(np.ascontiguousarray(keys, dtype=np.int32), False))
 
     def _add(self, counted: Counted) -> None:
-        local = counted.local
         if counted.values.size == 0:
             return
+        if counted.local.shape[0] != self.threads:
+            raise ValueError("the batch was counted by another store")
+        local = counted.local
         total = self.counts + local.sum(axis=0)
         if self.hist.dtype == np.uint32 and int(total.sum()) > _U32_LIMIT:
             self.hist = self.hist.astype(np.uint64)  # a single value could pass 2**32 - 1
@@ -235,27 +251,36 @@ class PagedStore:
             self.n_pages += promote.size
         self.counts = total
         per_thread = local[:, self.page_of < 0].sum(axis=1)
-        starts = np.concatenate(([0], np.cumsum(per_thread)))
-        sparse_out = np.empty(int(starts[-1]), dtype=np.int32)
-        with _LOCK:
-            self._k.scatter(counted.values, counted.from_float, self.page_of, starts, sparse_out,
-                     self.pending, self.pending_n, self.hist)  # fmt: skip
+        at = np.concatenate(([0], np.cumsum(per_thread))).tolist()
+        sparse_out = np.empty(int(at[-1]), dtype=np.int32)
+        values, from_float = counted.values, counted.from_float
+        state = (self.pending, self.pending_n, self.hist)
+
+        def scatter(t: int, a: int, b: int) -> None:
+            self._k.scatter(values, a, b, from_float, t, self.page_of, sparse_out, at[t], *state)
+
+        shares = _shares(values.size, self.threads)
+        _parallel([functools.partial(scatter, t, a, b) for t, (a, b) in enumerate(shares)])
         if sparse_out.size:
             self.sparse.append(sparse_out)
             self._grouped = None
 
+    # -------------------------------------------------------------- compute
     def _settle(self) -> tuple[np.ndarray, np.ndarray]:
         """Fold pending buffers and paged sparse keys; group the other sparse keys by bucket."""
-        with _LOCK:
-            if self.n_pages:
-                self._k.fold_pending(self.pending, self.pending_n, self.hist)
+        if self.n_pages and self.pending_n.any():
+            k = self._k
+            _parallel(
+                [
+                    functools.partial(k.fold_pending, self.pending, self.pending_n, self.hist, t)
+                    for t in range(self.threads)
+                ]
+            )
         if self._grouped is None:
-            keys = self.sparse.view()
-            if self.n_pages and keys.size:
-                keys = self._k.fold_sparse(keys, self.page_of, self.hist)
-            grouped, _, starts = self._k.group(keys, np.zeros(0))
+            hist = self.hist if self.n_pages else np.zeros((1, 1, NUM_BUCKETS), np.uint32)
+            kept, starts = self._k.settle_sparse(self.sparse.view(), self.page_of, hist)
             self.sparse = GrowingArray(np.int32)
-            self.sparse.append(grouped)
+            self.sparse.append(kept)
             self._grouped = (self.sparse.view(), starts)
         return self._grouped
 
@@ -275,15 +300,41 @@ class PagedStore:
             np.ascontiguousarray(pos_keys, dtype=np.int32),
             np.ascontiguousarray(pos_weight, dtype=np.float64),
         )
-        hist = self.hist
-        if not self.n_pages:
-            hist = np.zeros((1, self.threads, NUM_BUCKETS), self.hist.dtype)
-        with _LOCK:
-            out = self._k.rows(
-                self.counts, self.page_of, hist, sparse, sparse_starts, keys, weight, starts
-            )
-        keys, pos, lt, eq, weight, n_neg = out
-        return ExactRows(keys=keys, pos=pos, neg_lt=lt, neg_eq=eq, weight=weight, n_neg=int(n_neg))
+        per_bucket = np.diff(starts)
+        below = np.concatenate(([0], np.cumsum(self.counts - per_bucket)))  # normal < bucket
+        mixed = np.flatnonzero(per_bucket)
+        # split the mixed buckets over the threads by their number of pixels
+        bounds = [0, 0]
+        if mixed.size:
+            cum = np.cumsum(self.counts[mixed])
+            cuts = np.searchsorted(cum, cum[-1] * np.arange(1, self.threads) / self.threads)
+            bounds = [0, *np.maximum.accumulate(cuts).tolist(), mixed.size]
+        ranges = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        distinct = np.zeros(mixed.size, dtype=np.int64)
+        k = self._k
+        _parallel(
+            [functools.partial(k.distinct, keys, starts, mixed, a, b, distinct) for a, b in ranges]
+            or [lambda: None]
+        )
+        offsets = np.concatenate(([0], np.cumsum(distinct)))
+        j = int(offsets[-1])
+        out = (
+            np.empty(j, np.int32),
+            np.empty(j, np.int64),
+            np.empty(j, np.int64),
+            np.empty(j, np.int64),
+            np.empty(j, np.float64),
+        )
+        hist = self.hist if self.n_pages else np.zeros((1, 1, NUM_BUCKETS), np.uint32)
+        common = (below, self.page_of, hist, sparse, sparse_starts, keys, weight, starts, mixed)
+        _parallel(
+            [functools.partial(k.rows, *common, offsets, a, b, *out) for a, b in ranges]
+            or [lambda: None]
+        )
+        return ExactRows(
+            keys=out[0], pos=out[1], neg_lt=out[2], neg_eq=out[3], weight=out[4],
+            n_neg=int(below[-1]),
+        )  # fmt: skip
 
     def count_le(self, keys: np.ndarray) -> np.ndarray:
         """Stored keys ``<= k`` for every k of (T,) int32 ``keys``: (T,) int64."""
