@@ -921,29 +921,13 @@ def run_predict_groups(
         ValueError: an image group without normal (or calibration) images; nothing is
             computed then.
     """
-    if not image_groups:
-        raise ValueError("grouped run: no image group to inspect")
+    _check_groups(image_groups, models, normal_groups, calibration_groups)
     threshold = threshold or ThresholdSpec()
-    for what, given in (
-        ("normal images", normal_groups),
-        ("calibration images", calibration_groups),
-        ("model", models),
-    ):
-        if given is None:
-            continue
-        missing = sorted(set(image_groups) - set(given))
-        if missing:
-            raise ValueError(
-                f"grouped run: no {what} for group(s) {', '.join(missing)} "
-                f"({what.split()[0]} groups: {', '.join(sorted(given)) or 'none'})"
-            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, PredictSummary] = {}
     for group, images in image_groups.items():
-        spec = threshold
-        if calibration_groups is not None:
-            spec = dataclasses.replace(threshold, calibration=calibration_groups[group])
+        spec = _group_spec(threshold, calibration_groups, group)
         fitted: dict[str, Any] = {}
         if models is not None:
             fitted["detector"], fitted["model_threshold"] = load_model_for_predict(models[group])
@@ -959,6 +943,40 @@ def run_predict_groups(
         )
     _write_group_outputs(out, summaries, title)
     return summaries
+
+
+def _check_groups(
+    image_groups: dict[str, list[Path]],
+    models: dict[str, Path] | None,
+    normal_groups: dict[str, list[Path]] | None,
+    calibration_groups: dict[str, list[Path]] | None,
+) -> None:
+    """Refuse a grouped run with no group, or a group without its normal images, model or
+    calibration images (before anything is computed)."""
+    if not image_groups:
+        raise ValueError("grouped run: no image group to inspect")
+    for what, given in (
+        ("normal images", normal_groups),
+        ("calibration images", calibration_groups),
+        ("model", models),
+    ):
+        if given is None:
+            continue
+        missing = sorted(set(image_groups) - set(given))
+        if missing:
+            raise ValueError(
+                f"grouped run: no {what} for group(s) {', '.join(missing)} "
+                f"({what.split()[0]} groups: {', '.join(sorted(given)) or 'none'})"
+            )
+
+
+def _group_spec(
+    threshold: ThresholdSpec, calibration_groups: dict[str, list[Path]] | None, group: str
+) -> ThresholdSpec:
+    """A group's threshold policy: the run's, with the group's own calibration images."""
+    if calibration_groups is None:
+        return threshold
+    return dataclasses.replace(threshold, calibration=calibration_groups[group])
 
 
 def _write_group_outputs(out: Path, summaries: dict[str, PredictSummary], title: str) -> None:
@@ -1089,9 +1107,7 @@ def fit_model_groups(
     out = Path(out)
     summaries = {}
     for group, normals in normal_groups.items():
-        spec = threshold
-        if calibration_groups is not None:
-            spec = dataclasses.replace(threshold, calibration=calibration_groups[group])
+        spec = _group_spec(threshold, calibration_groups, group)
         summaries[group] = fit_model(
             make_detector,
             normals,
