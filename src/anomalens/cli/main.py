@@ -501,6 +501,24 @@ def _predict_runner(args: argparse.Namespace) -> Any:
     return functools.partial(run_predict_ray, options=options)
 
 
+def _parquet_rows(args: argparse.Namespace) -> int | None:
+    """Rows per Parquet shard for ``--parquet`` (None without it); pyarrow checked at once."""
+    from anomalens.results_parquet import DEFAULT_ROWS_PER_SHARD, require_pyarrow
+
+    if not getattr(args, "parquet", False):
+        if getattr(args, "parquet_rows", None) is not None:
+            raise SystemExit("error: --parquet-rows needs --parquet")
+        return None
+    rows = DEFAULT_ROWS_PER_SHARD if args.parquet_rows is None else args.parquet_rows
+    if rows < 1:
+        raise SystemExit(f"error: --parquet-rows must be at least 1, got {rows}")
+    try:
+        require_pyarrow()
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return rows
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from anomalens.pipeline import (
         ThresholdSpec,
@@ -523,8 +541,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "error: --align applies to reference-based runs (--pairs, --reference-dir)"
         )
     recursive = args.recursive or args.groups
-    normals = _images_of(args.normal, recursive) if args.normal else []
     predict = _predict_runner(args)  # flags checked before any listing
+    parquet_rows = _parquet_rows(args)
+    normals = _images_of(args.normal, recursive) if args.normal else []
     images = _inputs(args, recursive)
     calibration = _images_of(args.calibration, recursive) if args.calibration else None
     spec = ThresholdSpec(
@@ -543,6 +562,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "progress": not args.quiet,
         "title": f"anomalens {args.method}: {Path(args.images or args.manifest).name}",
         "config": getattr(args, "resolved_config", None),
+        "parquet_rows": parquet_rows,
     }
     if args.object_name and args.class_names:
         raise SystemExit("error: give either --object-name or --class-names, not both")
@@ -608,6 +628,8 @@ def _predict_pairs(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
             "error: a reference-based run takes each image's own reference: --groups, --normal "
             "and --calibration do not apply (use --calibration-pairs FILE of known-good pairs)"
         )
+    if args.parquet or args.parquet_rows is not None:
+        raise SystemExit("error: --parquet applies to --images and --manifest runs")
     if args.pairs:
         pairs = read_pairs_csv(args.pairs)
         source = Path(args.pairs).name
@@ -686,6 +708,7 @@ def _predict_exported(args: argparse.Namespace, model: Path) -> int:
             ("--calibration", bool(args.calibration)),
             ("--manifest", bool(getattr(args, "manifest", None))),
             ("--engine ray", getattr(args, "engine", "local") == "ray"),
+            ("--parquet", bool(getattr(args, "parquet", False))),
         )
         if on
     ]
@@ -744,6 +767,7 @@ def _predict_with_model(args: argparse.Namespace) -> int:
         return _predict_exported(args, Path(args.model))
     recursive = args.recursive or args.groups
     predict = _predict_runner(args)  # flags checked before any listing
+    parquet_rows = _parquet_rows(args)
     images = _inputs(args, recursive)
     calibration = _images_of(args.calibration, recursive) if args.calibration else None
     spec = _threshold_spec(args, calibration)
@@ -755,6 +779,7 @@ def _predict_with_model(args: argparse.Namespace) -> int:
         "resume": not args.no_resume,
         "progress": not args.quiet,
         "config": getattr(args, "resolved_config", None),
+        "parquet_rows": parquet_rows,
     }
     model = Path(args.model)
     if args.groups:  # one model per sub-folder of --model, as `anomalens fit --groups` writes
@@ -1199,6 +1224,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, help="scoring actors (default 2)")
     e.add_argument(
         "--gpus-per-worker", type=float, help="GPUs per actor; > 0 runs them on cuda (default 0)"
+    )
+    e.add_argument(
+        "--parquet",
+        action="store_true",
+        help="also write the rows of results.csv as Parquet shards OUT/results.parquet/"
+        "part-NNNNN.parquet while the run goes on (typed columns, each shard complete or "
+        "absent, resumable; either engine; needs pyarrow: pip install 'anomalens[parquet]')",
+    )
+    e.add_argument(
+        "--parquet-rows",
+        type=int,
+        metavar="N",
+        help="with --parquet: rows per shard (default 100000)",
     )
     s.set_defaults(func=cmd_predict)
 
