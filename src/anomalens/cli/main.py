@@ -476,18 +476,22 @@ def _inputs(args: argparse.Namespace, recursive: bool) -> list[Path]:
 
 
 def _predict_runner(args: argparse.Namespace) -> Any:
-    """``run_predict``, or its Ray version for ``--engine ray`` (see docs/scale.md)."""
-    from anomalens.pipeline import run_predict
+    """``run_predict`` (``run_predict_groups`` with ``--groups``), or its Ray version for
+    ``--engine ray`` (see docs/scale.md)."""
+    from anomalens.pipeline import run_predict, run_predict_groups
 
     if getattr(args, "engine", "local") != "ray":
         if args.ray_address or args.workers is not None or args.gpus_per_worker:
             raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
-        return run_predict
-    if args.groups:
-        raise SystemExit("error: --groups is not supported with --engine ray yet")
+        return run_predict_groups if args.groups else run_predict
     import functools
 
-    from anomalens.distributed.ray_predict import RayOptions, require_ray, run_predict_ray
+    from anomalens.distributed import (
+        RayOptions,
+        require_ray,
+        run_predict_groups_ray,
+        run_predict_ray,
+    )
 
     try:
         require_ray()
@@ -498,7 +502,9 @@ def _predict_runner(args: argparse.Namespace) -> Any:
         )
     except (RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    return functools.partial(run_predict_ray, options=options)
+    return functools.partial(
+        run_predict_groups_ray if args.groups else run_predict_ray, options=options
+    )
 
 
 def _parquet_rows(args: argparse.Namespace) -> int | None:
@@ -520,11 +526,7 @@ def _parquet_rows(args: argparse.Namespace) -> int | None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from anomalens.pipeline import (
-        ThresholdSpec,
-        run_predict_groups,
-        split_by_group,
-    )
+    from anomalens.pipeline import ThresholdSpec, split_by_group
     from anomalens.registry import create_detector
 
     if args.model:
@@ -575,7 +577,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return with_views(create_detector(args.method, **kwargs), views)
 
     if args.groups:  # one memory and threshold per sub-folder of --images / --normal
-        summaries = run_predict_groups(
+        summaries = predict(
             make_detector,
             split_by_group(args.images, images),
             args.out,
@@ -737,11 +739,7 @@ def _predict_exported(args: argparse.Namespace, model: Path) -> int:
 def _predict_with_model(args: argparse.Namespace) -> int:
     """``predict --model``: score with a fitted model file, no refit."""
     from anomalens.model_file import model_kind
-    from anomalens.pipeline import (
-        load_model_for_predict,
-        run_predict_groups,
-        split_by_group,
-    )
+    from anomalens.pipeline import load_model_for_predict, split_by_group
 
     given = [f"--{f.replace('_', '-')}" for f in _MODEL_FIXED if getattr(args, f, None)]
     given += ["--tf-padding"] if getattr(args, "tf_padding", False) else []
@@ -790,7 +788,7 @@ def _predict_with_model(args: argparse.Namespace) -> int:
             )
         models = {p.name: p for p in sorted(model.iterdir()) if not p.name.startswith(".")}
         models = {k.removesuffix(".anomalens"): v for k, v in models.items()}
-        summaries = run_predict_groups(
+        summaries = predict(
             None,
             split_by_group(args.images, images),
             args.out,
@@ -1221,7 +1219,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (the cluster this machine belongs to) or HOST:PORT of the head "
         "(default: a private Ray instance on this machine for the run)",
     )
-    e.add_argument("--workers", type=int, help="scoring actors (default 2)")
+    e.add_argument(
+        "--workers",
+        type=int,
+        help="scoring actors (default 2); with --groups also the groups fitted at once",
+    )
     e.add_argument(
         "--gpus-per-worker", type=float, help="GPUs per actor; > 0 runs them on cuda (default 0)"
     )
