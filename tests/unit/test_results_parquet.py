@@ -118,6 +118,9 @@ def test_without_pyarrow_parquet_says_how_to_install_it(monkeypatch, tmp_path: P
         main([*argv, "--parquet"])
     with pytest.raises(SystemExit, match="--parquet-rows needs --parquet"):
         main([*argv, "--parquet-rows", "5"])
+    pairs = ["predict", "--method", "refdiff", "--pairs", str(tmp_path / "p.csv"), "--out", "o"]
+    with pytest.raises(SystemExit, match="--parquet applies to --images and --manifest runs"):
+        main([*pairs, "--parquet"])
 
 
 def test_local_run_writes_shards_equal_to_results_csv_and_resumes(tmp_path: Path) -> None:
@@ -166,3 +169,31 @@ def test_local_run_writes_shards_equal_to_results_csv_and_resumes(tmp_path: Path
     run(threshold=ThresholdSpec(fixed=0.0))
     back = _read(out / PARQUET_DIR)
     assert len(back) == 7 and {r["decision"] for r in back} == {"anomalous"}
+
+
+def test_local_grouped_run_writes_shards_per_group(tmp_path: Path) -> None:
+    from anomalens.pipeline import run_predict_groups, split_by_group
+
+    for group, level in (("dark", 60), ("light", 200)):
+        for i in range(3):
+            arr = np.full((32, 32, 3), level + i, np.uint8)
+            for kind in ("normal", "images"):
+                (tmp_path / kind / group).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(tmp_path / kind / group / f"{kind}{i}.png")
+    normals = sorted((tmp_path / "normal").rglob("*.png"))
+    images = sorted((tmp_path / "images").rglob("*.png"))
+    out = tmp_path / "out"
+    run_predict_groups(
+        lambda: create_detector("toy"),
+        split_by_group(tmp_path / "images", images),
+        out,
+        normal_groups=split_by_group(tmp_path / "normal", normals),
+        progress=False,
+        parquet_rows=2,
+    )
+    for group in ("dark", "light"):
+        with open(out / group / "results.csv", newline="") as f:
+            paths = sorted(r["path"] for r in csv.DictReader(f))
+        assert sorted(r["path"] for r in _read(out / group / PARQUET_DIR)) == paths
+        assert len(paths) == 3
+    assert not (out / PARQUET_DIR).exists()  # per group only
