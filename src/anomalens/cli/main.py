@@ -1156,7 +1156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one memory and one threshold per sub-folder: the images of --images/G/ are "
         "scored against the normal images of --normal/G/ only (e.g. one product per "
         "sub-folder; no class names needed); writes OUT/G/ per group plus OUT/results.csv "
-        "and OUT/index.html",
+        "and OUT/index.html; with --engine ray the groups are fitted and scored in parallel",
     )
     s.add_argument(
         "--object-name",
