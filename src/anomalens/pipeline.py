@@ -42,6 +42,7 @@ from anomalens.fileio import (
     spreadsheet_safe,
 )
 from anomalens.results import judge_image, normalized_score, score_scale, write_result_images
+from anomalens.results_parquet import PARQUET_DIR, ParquetShards, require_pyarrow
 from anomalens.thresholds import (
     Threshold,
     batch_robust_threshold,
@@ -559,11 +560,13 @@ def _score_and_write(
     save_overlays: bool,
     save_masks: bool,
     progress: bool,
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> None:
     """Score ``todo`` in the detector's batches; append a row per image to results.jsonl.
 
     With overlays or masks requested, each map is also stored (``maps/NAME.npy``, float32 at
     the detector's working size) so that a changed threshold can redraw them without scoring.
+    ``on_rows`` receives each batch's new rows once they are on disk (e.g. Parquet shards).
     """
     (out / "overlays").mkdir(exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
@@ -590,6 +593,7 @@ def _score_and_write(
                     [im for _, im in loaded], groups=_groups_of([p for p, _ in loaded])
                 ).to_numpy()
                 per_image = (time.perf_counter() - tb) / len(loaded)
+            new = []
             for (p, im), key, s, m in zip(loaded, keys, scores, maps):
                 row = _judge_and_write(
                     out,
@@ -608,9 +612,12 @@ def _score_and_write(
                     _save_map(out / row["map"], m)
                 row["seconds"] = per_image
                 done[key] = row
+                new.append(row)
                 fj.write(json.dumps(row) + "\n")
             fj.flush()
             os.fsync(fj.fileno())
+            if on_rows is not None:
+                on_rows(new)
             bar.update(len(chunk))
     bar.close()
 
@@ -662,13 +669,16 @@ def run_predict(
     title: str = "anomalens report",
     command: Sequence[str] | None = None,
     config: dict[str, Any] | None = None,
+    parquet_rows: int | None = None,
 ) -> PredictSummary:
     """Fit on the normal images, score every image, write all outputs into ``out_dir``.
 
     Outputs: ``results.csv``, ``results.jsonl``, ``errors.csv``, ``run.json``, ``report.html``
     (the review page, see docs/review.md), ``overlays/*.png``, ``masks/*.png``, the page's
     layers and colour bar ``review/*.png``, and the anomaly maps ``maps/*.npy`` that let a
-    changed threshold re-judge without scoring.
+    changed threshold re-judge without scoring; with ``parquet_rows``, also the rows as
+    Parquet shards ``results.parquet/part-NNNNN.parquet`` (see
+    :mod:`anomalens.results_parquet`).
 
     Args:
         make_detector: builds a fresh detector with the run's settings (also used for
@@ -685,8 +695,10 @@ def run_predict(
             object, e.g. WinCLIP; see ``Detector.uses_category``).
         command: the command line recorded in run.json (default: ``sys.argv``).
         config: the command's resolved settings, recorded in run.json (``--config``).
+        parquet_rows: write the rows as Parquet shards of this many rows (None: no Parquet).
     """
     t0 = time.perf_counter()
+    _check_parquet(parquet_rows)
     meta = _run_meta(list(image_paths), list(normal_paths), command, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -723,6 +735,7 @@ def run_predict(
         ),
     )
     todo = [(p, n) for p, n in zip(image_paths, names) if display_path(p) not in done]
+    shards = _open_parquet(out, done, parquet_rows)
     _score_and_write(
         detector,
         todo,
@@ -735,11 +748,45 @@ def run_predict(
         save_overlays=save_overlays,
         save_masks=save_masks,
         progress=progress,
+        on_rows=None if shards is None else shards.add,
     )
+    _close_parquet(shards, meta)
     rows = [done[display_path(p)] for p in image_paths if display_path(p) in done]
     _write_outputs(out, rows, errors, thr, detector, settings, title, names, image_paths, meta)
     n_anom = sum(r["decision"] == "anomalous" for r in rows)
     return PredictSummary(out, len(rows), n_anom, len(errors), thr, time.perf_counter() - t0, rows)
+
+
+def _check_parquet(rows_per_shard: int | None) -> None:
+    """Refuse a bad shard size or a missing pyarrow before anything is computed."""
+    if rows_per_shard is None:
+        return
+    if rows_per_shard < 1:
+        raise ValueError(f"--parquet-rows must be at least 1, got {rows_per_shard}")
+    require_pyarrow()
+
+
+def _open_parquet(
+    out: Path, done: dict[str, dict[str, Any]], rows_per_shard: int | None
+) -> ParquetShards | None:
+    """The run's Parquet shards, resumed from the rows in ``done``; None without Parquet."""
+    folder = out / PARQUET_DIR
+    if rows_per_shard is None:
+        if folder.exists():
+            log.warning(
+                "%s is left from an earlier run and not updated by this one (give --parquet "
+                "to update it)",
+                folder,
+            )
+        return None
+    return ParquetShards(folder, done, rows_per_shard)
+
+
+def _close_parquet(shards: ParquetShards | None, meta: dict[str, Any]) -> None:
+    """Write the last shard; run.json records the shards (``parquet``)."""
+    if shards is not None:
+        shards.close()
+        meta["parquet"] = shards.summary()
 
 
 def _link(path: Path, out: Path) -> str:
@@ -921,29 +968,14 @@ def run_predict_groups(
         ValueError: an image group without normal (or calibration) images; nothing is
             computed then.
     """
-    if not image_groups:
-        raise ValueError("grouped run: no image group to inspect")
+    _check_groups(image_groups, models, normal_groups, calibration_groups)
+    _check_parquet(kwargs.get("parquet_rows"))
     threshold = threshold or ThresholdSpec()
-    for what, given in (
-        ("normal images", normal_groups),
-        ("calibration images", calibration_groups),
-        ("model", models),
-    ):
-        if given is None:
-            continue
-        missing = sorted(set(image_groups) - set(given))
-        if missing:
-            raise ValueError(
-                f"grouped run: no {what} for group(s) {', '.join(missing)} "
-                f"({what.split()[0]} groups: {', '.join(sorted(given)) or 'none'})"
-            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, PredictSummary] = {}
     for group, images in image_groups.items():
-        spec = threshold
-        if calibration_groups is not None:
-            spec = dataclasses.replace(threshold, calibration=calibration_groups[group])
+        spec = _group_spec(threshold, calibration_groups, group)
         fitted: dict[str, Any] = {}
         if models is not None:
             fitted["detector"], fitted["model_threshold"] = load_model_for_predict(models[group])
@@ -959,6 +991,40 @@ def run_predict_groups(
         )
     _write_group_outputs(out, summaries, title)
     return summaries
+
+
+def _check_groups(
+    image_groups: dict[str, list[Path]],
+    models: dict[str, Path] | None,
+    normal_groups: dict[str, list[Path]] | None,
+    calibration_groups: dict[str, list[Path]] | None,
+) -> None:
+    """Refuse a grouped run with no group, or a group without its normal images, model or
+    calibration images (before anything is computed)."""
+    if not image_groups:
+        raise ValueError("grouped run: no image group to inspect")
+    for what, given in (
+        ("normal images", normal_groups),
+        ("calibration images", calibration_groups),
+        ("model", models),
+    ):
+        if given is None:
+            continue
+        missing = sorted(set(image_groups) - set(given))
+        if missing:
+            raise ValueError(
+                f"grouped run: no {what} for group(s) {', '.join(missing)} "
+                f"({what.split()[0]} groups: {', '.join(sorted(given)) or 'none'})"
+            )
+
+
+def _group_spec(
+    threshold: ThresholdSpec, calibration_groups: dict[str, list[Path]] | None, group: str
+) -> ThresholdSpec:
+    """A group's threshold policy: the run's, with the group's own calibration images."""
+    if calibration_groups is None:
+        return threshold
+    return dataclasses.replace(threshold, calibration=calibration_groups[group])
 
 
 def _write_group_outputs(out: Path, summaries: dict[str, PredictSummary], title: str) -> None:
@@ -1089,9 +1155,7 @@ def fit_model_groups(
     out = Path(out)
     summaries = {}
     for group, normals in normal_groups.items():
-        spec = threshold
-        if calibration_groups is not None:
-            spec = dataclasses.replace(threshold, calibration=calibration_groups[group])
+        spec = _group_spec(threshold, calibration_groups, group)
         summaries[group] = fit_model(
             make_detector,
             normals,

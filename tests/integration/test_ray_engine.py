@@ -2,14 +2,18 @@
 
 Checks: equal to the single-process run (scores within 1e-6, decisions, files), a scoring
 worker killed mid-run still gives complete results (Ray restarts it and retries its batch),
-and a killed driver's run resumes with every input exactly once.
+a killed driver's run resumes with every input exactly once (results.jsonl and Parquet
+shards), and ``--groups`` on Ray equals the local grouped run, from normal images or from
+per-group models, resuming a partial run.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,9 +173,18 @@ def test_a_worker_killed_mid_run_still_gives_complete_results(cluster, folders, 
     assert len(lines) == len({x["path"] for x in lines}) == 24
 
 
+def _parquet_paths(out: Path) -> list[str]:
+    """Paths of every row of the Parquet shards in ``out``, in shard order (duplicates kept)."""
+    import pyarrow.parquet as pq
+
+    shards = sorted((out / "results.parquet").glob("part-*.parquet"))
+    return [p for s in shards for p in pq.read_table(s).column("path").to_pylist()]
+
+
 def test_a_killed_driver_resumes_with_every_input_once(cluster, folders, tmp_path) -> None:
     out = tmp_path / "resumed"
     argv = _argv(folders, out, "--engine", "ray", "--workers", "1", "--batch-size", "1")
+    argv += ["--parquet", "--parquet-rows", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "anomalens", *argv, "--ray-address", cluster],
@@ -195,6 +208,94 @@ def test_a_killed_driver_resumes_with_every_input_once(cluster, folders, tmp_pat
     assert len(rows) == len({r["path"] for r in rows}) == 24
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert len(lines) == 24  # the earlier rows kept, the rest added once
+    assert sorted(_parquet_paths(out)) == sorted(r["path"] for r in rows)  # each row once
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two products (grey ~60 and ~190): 3 normal images and 5 to inspect each, 1 unreadable."""
+    rng = np.random.default_rng(1)
+    root = tmp_path_factory.mktemp("raygroups")
+    for group, level in (("dark", 60), ("light", 190)):
+        for i in range(3):
+            im = rng.integers(level - 10, level + 10, (64, 64, 3), dtype=np.uint8)
+            (root / "normal" / group).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(root / "normal" / group / f"g{i}.png")
+        for i in range(5):
+            im = rng.integers(level - 10, level + 10, (64, 64, 3), dtype=np.uint8)
+            if i % 2 == 0:
+                im[20:40, 20:40] = 255 - level
+            (root / "images" / group).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(root / "images" / group / f"im{i}.png")
+    (root / "images" / "dark" / "broken.png").write_bytes(b"not an image")
+    return root / "normal", root / "images"
+
+
+def _same_grouped_results(a: Path, b: Path) -> None:
+    """Two grouped runs' outputs are equal: rows, files, errors. Scores within 1e-6, relative
+    above 1 (these reach ~6.5, where float32 steps are 5e-7 and batches are cut differently)."""
+    ra, rb = _rows(a), _rows(b)
+    assert [(r["group"], r["path"]) for r in ra] == [(r["group"], r["path"]) for r in rb]
+    assert len(ra) == 10 and {r["decision"] for r in ra} == {"normal", "anomalous"}
+    for x, y in zip(ra, rb):
+        assert math.isclose(float(x["score"]), float(y["score"]), rel_tol=1e-6, abs_tol=1e-6)
+        assert (x["decision"], x["threshold"], x["overlay"], x["mask"]) == (
+            y["decision"], y["threshold"], y["overlay"], y["mask"],
+        )  # fmt: skip
+    parquet = {f for f in _files(b) if "results.parquet/" in f}
+    assert _files(a) == _files(b) - parquet
+    for group in ("dark", "light"):
+        assert (a / group / "errors.csv").read_text() == (b / group / "errors.csv").read_text()
+        run_a = json.loads((a / group / "run.json").read_text())
+        run_b = json.loads((b / group / "run.json").read_text())
+        assert run_b["status"] == "complete" and run_b["engine"]["name"] == "ray"
+        assert run_a["settings"] == run_b["settings"] and run_a["threshold"] == run_b["threshold"]
+    assert "broken.png" in (b / "dark" / "errors.csv").read_text()
+    assert (b / "index.html").is_file()
+
+
+def test_groups_on_ray_equal_the_local_grouped_run(cluster, grouped, tmp_path) -> None:
+    normal, images = grouped
+    argv = ["predict", *METHOD, "--groups", "--normal", str(normal), "--images", str(images)]
+    local, dist = tmp_path / "local", tmp_path / "ray"
+    assert main([*argv, "--out", str(local)]) == 0
+    ray_flags = ["--engine", "ray", "--workers", "2", "--batch-size", "2"]
+    assert main([*argv, "--out", str(dist), *ray_flags, "--parquet", "--parquet-rows", "2"]) == 0
+    _same_grouped_results(local, dist)
+    for group in ("dark", "light"):  # the shards hold the group's rows of results.csv, once
+        rows = {r["path"]: r for r in _rows(dist / group)}
+        assert sorted(_parquet_paths(dist / group)) == sorted(rows)
+        import pyarrow.dataset as pds
+
+        for r in pds.dataset(dist / group / "results.parquet").to_table().to_pylist():
+            assert repr(r["score"]) == rows[r["path"]]["score"]
+            assert r["decision"] == rows[r["path"]]["decision"]
+
+
+def test_groups_on_ray_from_models_resume_a_partial_run(cluster, grouped, tmp_path) -> None:
+    """``predict --model DIR --groups --engine ray`` loads each group's model in a task and
+    resumes a grouped run left half done (here by a local run): rows kept, the rest scored."""
+    normal, images = grouped
+    models = tmp_path / "models"
+    fit = ["fit", *METHOD[:-1], "--normal", str(normal), "--groups", "--out", str(models)]
+    assert main(fit) == 0
+    argv = ["predict", "--model", str(models), "--groups", "--images", str(images), "-q"]
+    local, dist = tmp_path / "local", tmp_path / "ray"
+    assert main([*argv, "--out", str(local)]) == 0
+    shutil.copytree(local, dist)
+    jsonl = dist / "dark" / "results.jsonl"
+    kept = jsonl.read_text().splitlines(keepends=True)[:2]
+    jsonl.write_text("".join(kept))
+    (dist / "light" / "results.jsonl").unlink()
+    overlay = dist / "dark" / json.loads(kept[0])["overlay"]
+    stamp = overlay.stat().st_mtime_ns
+    assert main([*argv, "--out", str(dist), "--engine", "ray", "--workers", "2", "--parquet"]) == 0
+    _same_grouped_results(local, dist)
+    assert overlay.stat().st_mtime_ns == stamp  # a resumed row is not scored again
+    for group in ("dark", "light"):
+        assert sorted(_parquet_paths(dist / group)) == sorted(
+            r["path"] for r in _rows(dist / group)
+        )
 
 
 def test_benchmark_grid_on_ray_equals_the_local_grid_and_resumes(cluster, tmp_path) -> None:

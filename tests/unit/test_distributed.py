@@ -87,3 +87,57 @@ def test_manifest_feeds_a_local_run_with_unreadable_entries_in_errors(tmp_path) 
     with pytest.raises(SystemExit, match="either --images DIR or --manifest FILE"):
         main(["predict", "--method", "toy-zero", "--manifest", str(m), "--images", str(img),
               "--out", str(out)])  # fmt: skip
+
+
+def test_group_scorer_loads_each_group_model_once_and_splits_mixed_batches(monkeypatch):
+    """The shared pool's actor: a model per group met, kept (LRU), never reloaded per batch."""
+    import json
+
+    import numpy as np
+
+    from anomalens.distributed import ray_groups
+
+    loads: list[str] = []
+
+    class CountingScorer:
+        def __init__(self, model, threshold, out, *rest) -> None:
+            self.group = Path(out).name
+            loads.append(self.group)
+
+        def __call__(self, batch):
+            return {"record": [json.dumps({"row": f"{self.group}/{n}"}) for n in batch["name"]]}
+
+    monkeypatch.setattr(ray_groups, "_Scorer", CountingScorer)
+
+    def batch(*items: str) -> dict:
+        return {
+            "path": np.array([b"x.png"] * len(items), dtype=object),
+            "name": np.array([i.split("/")[1] for i in items]),
+            "group": np.array([i.split("/")[0] for i in items]),
+        }
+
+    models = {"a": b"", "b": b""}
+    scorer = ray_groups._GroupScorer(models, {"a": {}, "b": {}}, "/o", True, True, None, cache=2)
+    out = scorer(batch("a/1", "a/2"))
+    out = scorer(batch("a/3", "b/1", "b/2"))
+    assert out["group"] == ["a", "b", "b"]
+    assert [json.loads(r)["row"] for r in out["record"]] == ["a/3", "b/1", "b/2"]
+    scorer(batch("b/3", "a/4"))
+    assert loads == ["a", "b"]  # each model once, though batches mix groups
+    loads.clear()
+    one = ray_groups._GroupScorer(models, {"a": {}, "b": {}}, "/o", True, True, None, cache=1)
+    for b in (batch("a/1"), batch("a/2"), batch("b/1"), batch("a/3")):
+        one(b)
+    assert loads == ["a", "b", "a"]  # a cache of one model: reloaded only after another group
+
+
+def test_grouped_ray_run_refuses_a_group_without_normal_images_before_starting(tmp_path):
+    ray = pytest.importorskip("ray")
+    from anomalens.distributed import run_predict_groups_ray
+
+    images = {"a": [tmp_path / "a" / "x.png"], "b": [tmp_path / "b" / "y.png"]}
+    with pytest.raises(ValueError, match=r"no normal images for group\(s\) b"):
+        run_predict_groups_ray(
+            lambda: None, images, tmp_path / "out", normal_groups={"a": [tmp_path / "n.png"]}
+        )
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()

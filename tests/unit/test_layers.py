@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "__init__": 3,
     "thresholds": 4,
     "results": 4,
+    "results_parquet": 4,
     "reference": 4,
     "pipeline": 4,
     "distributed": 4,

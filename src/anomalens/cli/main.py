@@ -476,18 +476,22 @@ def _inputs(args: argparse.Namespace, recursive: bool) -> list[Path]:
 
 
 def _predict_runner(args: argparse.Namespace) -> Any:
-    """``run_predict``, or its Ray version for ``--engine ray`` (see docs/scale.md)."""
-    from anomalens.pipeline import run_predict
+    """``run_predict`` (``run_predict_groups`` with ``--groups``), or its Ray version for
+    ``--engine ray`` (see docs/scale.md)."""
+    from anomalens.pipeline import run_predict, run_predict_groups
 
     if getattr(args, "engine", "local") != "ray":
         if args.ray_address or args.workers is not None or args.gpus_per_worker:
             raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
-        return run_predict
-    if args.groups:
-        raise SystemExit("error: --groups is not supported with --engine ray yet")
+        return run_predict_groups if args.groups else run_predict
     import functools
 
-    from anomalens.distributed.ray_predict import RayOptions, require_ray, run_predict_ray
+    from anomalens.distributed import (
+        RayOptions,
+        require_ray,
+        run_predict_groups_ray,
+        run_predict_ray,
+    )
 
     try:
         require_ray()
@@ -498,15 +502,31 @@ def _predict_runner(args: argparse.Namespace) -> Any:
         )
     except (RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    return functools.partial(run_predict_ray, options=options)
+    return functools.partial(
+        run_predict_groups_ray if args.groups else run_predict_ray, options=options
+    )
+
+
+def _parquet_rows(args: argparse.Namespace) -> int | None:
+    """Rows per Parquet shard for ``--parquet`` (None without it); pyarrow checked at once."""
+    from anomalens.results_parquet import DEFAULT_ROWS_PER_SHARD, require_pyarrow
+
+    if not getattr(args, "parquet", False):
+        if getattr(args, "parquet_rows", None) is not None:
+            raise SystemExit("error: --parquet-rows needs --parquet")
+        return None
+    rows = DEFAULT_ROWS_PER_SHARD if args.parquet_rows is None else args.parquet_rows
+    if rows < 1:
+        raise SystemExit(f"error: --parquet-rows must be at least 1, got {rows}")
+    try:
+        require_pyarrow()
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return rows
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from anomalens.pipeline import (
-        ThresholdSpec,
-        run_predict_groups,
-        split_by_group,
-    )
+    from anomalens.pipeline import ThresholdSpec, split_by_group
     from anomalens.registry import create_detector
 
     if args.model:
@@ -523,8 +543,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "error: --align applies to reference-based runs (--pairs, --reference-dir)"
         )
     recursive = args.recursive or args.groups
-    normals = _images_of(args.normal, recursive) if args.normal else []
     predict = _predict_runner(args)  # flags checked before any listing
+    parquet_rows = _parquet_rows(args)
+    normals = _images_of(args.normal, recursive) if args.normal else []
     images = _inputs(args, recursive)
     calibration = _images_of(args.calibration, recursive) if args.calibration else None
     spec = ThresholdSpec(
@@ -543,6 +564,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "progress": not args.quiet,
         "title": f"anomalens {args.method}: {Path(args.images or args.manifest).name}",
         "config": getattr(args, "resolved_config", None),
+        "parquet_rows": parquet_rows,
     }
     if args.object_name and args.class_names:
         raise SystemExit("error: give either --object-name or --class-names, not both")
@@ -555,7 +577,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return with_views(create_detector(args.method, **kwargs), views)
 
     if args.groups:  # one memory and threshold per sub-folder of --images / --normal
-        summaries = run_predict_groups(
+        summaries = predict(
             make_detector,
             split_by_group(args.images, images),
             args.out,
@@ -608,6 +630,8 @@ def _predict_pairs(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
             "error: a reference-based run takes each image's own reference: --groups, --normal "
             "and --calibration do not apply (use --calibration-pairs FILE of known-good pairs)"
         )
+    if args.parquet or args.parquet_rows is not None:
+        raise SystemExit("error: --parquet applies to --images and --manifest runs")
     if args.pairs:
         pairs = read_pairs_csv(args.pairs)
         source = Path(args.pairs).name
@@ -686,6 +710,7 @@ def _predict_exported(args: argparse.Namespace, model: Path) -> int:
             ("--calibration", bool(args.calibration)),
             ("--manifest", bool(getattr(args, "manifest", None))),
             ("--engine ray", getattr(args, "engine", "local") == "ray"),
+            ("--parquet", bool(getattr(args, "parquet", False))),
         )
         if on
     ]
@@ -714,11 +739,7 @@ def _predict_exported(args: argparse.Namespace, model: Path) -> int:
 def _predict_with_model(args: argparse.Namespace) -> int:
     """``predict --model``: score with a fitted model file, no refit."""
     from anomalens.model_file import model_kind
-    from anomalens.pipeline import (
-        load_model_for_predict,
-        run_predict_groups,
-        split_by_group,
-    )
+    from anomalens.pipeline import load_model_for_predict, split_by_group
 
     given = [f"--{f.replace('_', '-')}" for f in _MODEL_FIXED if getattr(args, f, None)]
     given += ["--tf-padding"] if getattr(args, "tf_padding", False) else []
@@ -744,6 +765,7 @@ def _predict_with_model(args: argparse.Namespace) -> int:
         return _predict_exported(args, Path(args.model))
     recursive = args.recursive or args.groups
     predict = _predict_runner(args)  # flags checked before any listing
+    parquet_rows = _parquet_rows(args)
     images = _inputs(args, recursive)
     calibration = _images_of(args.calibration, recursive) if args.calibration else None
     spec = _threshold_spec(args, calibration)
@@ -755,6 +777,7 @@ def _predict_with_model(args: argparse.Namespace) -> int:
         "resume": not args.no_resume,
         "progress": not args.quiet,
         "config": getattr(args, "resolved_config", None),
+        "parquet_rows": parquet_rows,
     }
     model = Path(args.model)
     if args.groups:  # one model per sub-folder of --model, as `anomalens fit --groups` writes
@@ -765,7 +788,7 @@ def _predict_with_model(args: argparse.Namespace) -> int:
             )
         models = {p.name: p for p in sorted(model.iterdir()) if not p.name.startswith(".")}
         models = {k.removesuffix(".anomalens"): v for k, v in models.items()}
-        summaries = run_predict_groups(
+        summaries = predict(
             None,
             split_by_group(args.images, images),
             args.out,
@@ -1154,7 +1177,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one memory and one threshold per sub-folder: the images of --images/G/ are "
         "scored against the normal images of --normal/G/ only (e.g. one product per "
         "sub-folder; no class names needed); writes OUT/G/ per group plus OUT/results.csv "
-        "and OUT/index.html",
+        "and OUT/index.html; with --engine ray the groups are fitted and scored in parallel",
     )
     s.add_argument(
         "--object-name",
@@ -1217,9 +1240,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (the cluster this machine belongs to) or HOST:PORT of the head "
         "(default: a private Ray instance on this machine for the run)",
     )
-    e.add_argument("--workers", type=int, help="scoring actors (default 2)")
+    e.add_argument(
+        "--workers",
+        type=int,
+        help="scoring actors (default 2); with --groups also the groups fitted at once",
+    )
     e.add_argument(
         "--gpus-per-worker", type=float, help="GPUs per actor; > 0 runs them on cuda (default 0)"
+    )
+    e.add_argument(
+        "--parquet",
+        action="store_true",
+        help="also write the rows of results.csv as Parquet shards OUT/results.parquet/"
+        "part-NNNNN.parquet while the run goes on (typed columns, each shard complete or "
+        "absent, resumable; either engine; needs pyarrow: pip install 'anomalens[parquet]')",
+    )
+    e.add_argument(
+        "--parquet-rows",
+        type=int,
+        metavar="N",
+        help="with --parquet: rows per shard (default 100000)",
     )
     s.set_defaults(func=cmd_predict)
 

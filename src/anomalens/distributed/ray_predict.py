@@ -34,9 +34,12 @@ from anomalens.detectors.base import Detector
 from anomalens.pipeline import (
     PredictSummary,
     ThresholdSpec,
+    _check_parquet,
+    _close_parquet,
     _fit,
     _groups_of,
     _judge_and_write,
+    _open_parquet,
     _rejudge,
     _resume,
     _run_meta,
@@ -240,6 +243,7 @@ def run_predict_ray(
     title: str = "anomalens report",
     command: Sequence[str] | None = None,
     config: dict[str, Any] | None = None,
+    parquet_rows: int | None = None,
 ) -> PredictSummary:
     """:func:`anomalens.pipeline.run_predict` with the scoring spread over Ray workers.
 
@@ -254,6 +258,7 @@ def run_predict_ray(
     """
     ray = require_ray()
     options = options or RayOptions()
+    _check_parquet(parquet_rows)
     t0 = time.perf_counter()
     meta = _run_meta(list(image_paths), list(normal_paths), command, config)
     meta["engine"] = {"name": "ray", **asdict(options)}
@@ -294,6 +299,7 @@ def run_predict_ray(
         ),
     )
     todo = [(p, n) for p, n in zip(image_paths, names) if display_path(p) not in done]
+    shards = _open_parquet(out, done, parquet_rows)
     if todo:
         _score_on_ray(
             ray,
@@ -308,7 +314,9 @@ def run_predict_ray(
             save_overlays=save_overlays,
             save_masks=save_masks,
             progress=progress,
+            on_rows=None if shards is None else shards.add,
         )
+    _close_parquet(shards, meta)
     order = {k: i for i, k in enumerate(key_names)}
     errors.sort(key=lambda e: order.get(e["path"], len(order)))
     rows = [done[display_path(p)] for p in image_paths if display_path(p) in done]
@@ -337,8 +345,12 @@ def _score_on_ray(
     save_overlays: bool,
     save_masks: bool,
     progress: bool,
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> None:
-    """Score ``todo`` in a Ray Data actor pool; append each new row to results.jsonl."""
+    """Score ``todo`` in a Ray Data actor pool; append each new row to results.jsonl.
+
+    ``on_rows`` receives each streamed batch's new rows once they are on disk.
+    """
     (out / "overlays").mkdir(exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
     if save_overlays or save_masks:
@@ -370,6 +382,7 @@ def _score_on_ray(
         bar = tqdm(total=len(todo), desc="inspect (ray)", unit="img", disable=not progress)
         with open(out / "results.jsonl", "a", encoding="utf-8") as fj:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                new = []
                 for text in batch["record"]:
                     rec = json.loads(str(text))
                     if "error" in rec:
@@ -381,10 +394,13 @@ def _score_on_ray(
                     if row["path"] in done:  # a retried batch: keep the first copy
                         continue
                     done[row["path"]] = row
+                    new.append(row)
                     fj.write(json.dumps(row) + "\n")
                     bar.update(1)
                 fj.flush()
                 os.fsync(fj.fileno())
+                if on_rows is not None:
+                    on_rows(new)
         bar.close()
     finally:
         if started:
