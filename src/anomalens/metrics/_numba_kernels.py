@@ -28,10 +28,8 @@ __all__ = [
     "settle_sparse",
 ]
 
-_JIT = {"cache": True, "nogil": True}
 
-
-@njit(inline="always", **_JIT)
+@njit(cache=True, nogil=True, inline="always")
 def _key(v: Any, from_float: bool) -> Any:  # pragma: no cover - compiled
     """Order key of float32 bits ``v`` (``_buckets.order_keys``), or ``v`` itself."""
     if from_float and v < 0:
@@ -39,7 +37,7 @@ def _key(v: Any, from_float: bool) -> Any:  # pragma: no cover - compiled
     return v
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True)
 def count(
     values: Any, start: int, stop: int, from_float: bool, out: Any
 ) -> Any:  # pragma: no cover
@@ -63,7 +61,7 @@ def count(
     return lo, hi, nan
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True)
 def scatter(
     values: Any,
     start: int,
@@ -101,7 +99,7 @@ def scatter(
         pending_n[t, p] = c
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True)
 def fold_pending(pending: Any, pending_n: Any, hist: Any, t: int) -> None:  # pragma: no cover
     """Fold thread t's pending low parts into its pages."""
     for p in range(pending_n.shape[1]):
@@ -110,7 +108,7 @@ def fold_pending(pending: Any, pending_n: Any, hist: Any, t: int) -> None:  # pr
         pending_n[t, p] = 0
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True)
 def group(keys: Any, weight: Any) -> Any:  # pragma: no cover - compiled
     """Stable counting sort by bucket: keys (M,), weights (M,) (or none), starts (65537,)."""
     starts = np.zeros(65537, np.int64)
@@ -130,7 +128,7 @@ def group(keys: Any, weight: Any) -> Any:  # pragma: no cover - compiled
     return out_keys, out_weight, starts
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True)
 def settle_sparse(keys: Any, page_of: Any, hist: Any) -> Any:  # pragma: no cover - compiled
     """Group sparse keys by bucket; fold those of paged buckets into thread 0's pages.
 
@@ -155,7 +153,7 @@ def settle_sparse(keys: Any, page_of: Any, hist: Any) -> Any:  # pragma: no cove
     return kept[:m].copy(), kept_starts
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True)
 def distinct(
     pos_keys: Any, pos_starts: Any, mixed: Any, q0: int, q1: int, out: Any
 ) -> None:  # pragma: no cover - compiled
@@ -174,7 +172,7 @@ def distinct(
         out[q] = d
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True)
 def rows(
     below: Any,
     page_of: Any,
