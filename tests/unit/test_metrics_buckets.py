@@ -21,6 +21,12 @@ import torch
 
 from anomalens.metrics import PixelMetricAccumulator, UndefinedMetricWarning, _buckets, pixel
 from anomalens.metrics._buckets import BucketStore, group_by_bucket, keys_to_float32, order_keys
+from anomalens.metrics._curves import (
+    ap_from_summary,
+    aupro_from_summary,
+    auroc_from_summary,
+    f1max_from_summary,
+)
 from anomalens.metrics._kernels import PagedStore, available
 
 needs_numba = pytest.mark.skipif(not available(), reason="numba is not installed")
@@ -224,6 +230,26 @@ def test_paged_store_pages_folds_and_sparse_keys(
     np.testing.assert_array_equal(
         store.count_le(probe), np.searchsorted(np.sort(all_keys), probe, side="right")
     )
+
+
+@pytest.mark.parametrize("fpr_limit", [0.02, 0.3, 1.0])
+def test_fused_metrics_equal_the_reference_curves(fpr_limit: float) -> None:
+    """The compiled one-pass metrics (default) against ``_curves`` on ~50k distinct rows."""
+    rng = np.random.default_rng(7)
+    masks = rng.random((4, 200, 200)) < 0.3
+    maps = (rng.normal(size=masks.shape) + masks).astype(np.float32)
+    got = PixelMetricAccumulator("exact", fpr_limit=fpr_limit)
+    got.update(maps, masks)
+    ref = PixelMetricAccumulator("exact", fpr_limit=fpr_limit, exact_method="sort")
+    ref.update(maps, masks)
+    assert got.summary().pos.size > 40_000
+    _assert_equal(got, ref)
+    s = got.summary()  # the reference formulas on the very same rows
+    x = got.compute()
+    assert abs(x["pixel_aupro"] - aupro_from_summary(s, fpr_limit)) <= 1e-12
+    assert abs(x["pixel_ap"] - ap_from_summary(s)) <= 1e-12
+    assert x["pixel_auroc"] == auroc_from_summary(s)
+    assert x["pixel_f1max"] == f1max_from_summary(s)
 
 
 @needs_numba
