@@ -480,8 +480,15 @@ def _predict_runner(args: argparse.Namespace) -> Any:
     from anomalens.pipeline import run_predict
 
     if getattr(args, "engine", "local") != "ray":
-        if args.ray_address or args.workers is not None or args.gpus_per_worker:
-            raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
+        if (
+            args.ray_address
+            or args.workers is not None
+            or args.gpus_per_worker
+            or args.shard_size is not None
+        ):
+            raise SystemExit(
+                "error: --ray-address, --workers, --gpus-per-worker, --shard-size need --engine ray"
+            )
         return run_predict
     if args.groups:
         raise SystemExit("error: --groups is not supported with --engine ray yet")
@@ -495,6 +502,7 @@ def _predict_runner(args: argparse.Namespace) -> Any:
             address=args.ray_address,
             workers=2 if args.workers is None else args.workers,
             gpus_per_worker=args.gpus_per_worker or 0.0,
+            shard_size=args.shard_size,
         )
     except (RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -1199,6 +1207,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, help="scoring actors (default 2)")
     e.add_argument(
         "--gpus-per-worker", type=float, help="GPUs per actor; > 0 runs them on cuda (default 0)"
+    )
+    e.add_argument(
+        "--shard-size",
+        type=int,
+        metavar="N",
+        help="MuSc: images per shard of its mutual scoring; a worker's memory grows with it "
+        "(default: the images split into 2 shards per worker; see docs/scale.md)",
     )
     s.set_defaults(func=cmd_predict)
 
