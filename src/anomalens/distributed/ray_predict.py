@@ -219,6 +219,9 @@ def _connect(ray: Any, options: RayOptions, progress: bool) -> bool:
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if options.address is None:
+        # "local": a new instance even when another Ray cluster runs on this machine (a bare
+        # ray.init() would join the one started last)
+        kwargs["address"] = "local"
         need = int(np.ceil(options.workers * options.cpus_per_worker))
         kwargs["num_cpus"] = max(os.cpu_count() or 1, need)
         kwargs["include_dashboard"] = False
