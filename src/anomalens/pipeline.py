@@ -57,6 +57,7 @@ __all__ = [
     "FitSummary",
     "PredictSummary",
     "ThresholdSpec",
+    "batch_threshold",
     "display_path",
     "file_problem",
     "fit_model",
@@ -65,6 +66,7 @@ __all__ = [
     "load_model_for_predict",
     "run_predict",
     "run_predict_groups",
+    "scored_batch",
     "split_by_group",
     "threshold_from_dict",
 ]
@@ -347,13 +349,47 @@ def _groups_of(paths: Sequence[Path]) -> list[str]:
     return [Path(p).parent.name for p in paths]
 
 
+def scored_batch(paths: Sequence[Path]) -> dict[str, Any]:
+    """Which images a batch method scored together (the readable ones, in order).
+
+    Recorded in run.json as ``scored_batch``: a rerun reuses stored rows only when it scores
+    the very same batch (a batch method's scores depend on every image of the batch).
+    """
+    listing = "\n".join(display_path(p) for p in paths).encode()
+    return {"num_images": len(paths), "sha1": hashlib.sha1(listing).hexdigest()}
+
+
+def batch_threshold(
+    scores: np.ndarray, maps: np.ndarray | None = None, pixels: np.ndarray | None = None
+) -> Threshold:
+    """The batch-robust threshold of a scored batch, with the range of its normal scores.
+
+    Args:
+        scores: (N,) image scores of the batch.
+        maps: (N, H, W) its anomaly maps, or ``pixels``: their values at
+            ``anomalens.thresholds.pixel_sample_positions``.
+    """
+    thr = batch_robust_threshold(scores, maps, pixels=pixels)
+    # the normalised score needs the range of the scores taken as normal: the batch's
+    # scores at or below the threshold
+    inliers = scores[scores <= thr.value]
+    if inliers.size:
+        thr.details.setdefault("normal_score_min", float(inliers.min()))
+        thr.details.setdefault("normal_score_max", float(inliers.max()))
+    return thr
+
+
 def _score_whole_batch(
     detector: Detector, image_paths: Sequence[Path], thr: Threshold | None
-) -> tuple[dict[str, tuple[float, np.ndarray, float]], Threshold]:
+) -> tuple[dict[str, tuple[float, np.ndarray, float]], Threshold, dict[str, Any]]:
     """Score all images in one call (batch methods); set the batch-robust threshold if needed.
 
     A result depends on the whole batch, so a resumed run re-scores the whole batch too.
     Unreadable images are reported later, when the images are read for writing.
+
+    Returns:
+        Score, map and seconds per image (key: display path), the threshold, and the
+        :func:`scored_batch` record.
     """
     loaded = load_images_reporting(image_paths, [])
     if len(loaded) < max(detector.min_batch, 1):
@@ -367,15 +403,9 @@ def _score_whole_batch(
     ).to_numpy()
     per = (time.perf_counter() - tb) / len(loaded)
     if thr is None:
-        thr = batch_robust_threshold(scores, maps)
-        # the normalised score needs the range of the scores taken as normal: the batch's
-        # scores at or below the threshold
-        inliers = scores[scores <= thr.value]
-        if inliers.size:
-            thr.details.setdefault("normal_score_min", float(inliers.min()))
-            thr.details.setdefault("normal_score_max", float(inliers.max()))
+        thr = batch_threshold(scores, maps)
     pre = {display_path(p): (float(s), m, per) for (p, _), s, m in zip(loaded, scores, maps)}
-    return pre, thr
+    return pre, thr, scored_batch([p for p, _ in loaded])
 
 
 def _settings_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
@@ -405,6 +435,8 @@ def _resume(
 
     When the earlier run used another threshold, its rows go through ``rejudge`` (new
     decisions, overlays and masks from the stored scores and maps) before they are reused.
+    Rows of a batch method are reused only when the earlier run scored the same batch
+    (``meta["scored_batch"]``, see :func:`scored_batch`).
     """
     jsonl = out / "results.jsonl"
     run_json = out / "run.json"
@@ -412,7 +444,19 @@ def _resume(
     prev: dict[str, Any] = {}
     if resume and jsonl.exists() and run_json.exists():
         prev = json.loads(run_json.read_text())
-        if prev.get("settings") == json.loads(json.dumps(settings, default=_json_default)):
+        same = prev.get("settings") == json.loads(json.dumps(settings, default=_json_default))
+        if same and prev.get("scored_batch") != meta.get("scored_batch"):
+            log.warning(
+                "%s holds results of another batch of images scored together (%s); they "
+                "are recomputed",
+                out,
+                _settings_diff(
+                    {"scored_batch": prev.get("scored_batch")},
+                    {"scored_batch": meta.get("scored_batch")},
+                ),
+            )
+            same = False
+        if same:
             for line in jsonl.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
@@ -720,7 +764,7 @@ def run_predict(
     names = _unique_names(image_paths)
     precomputed: dict[str, tuple[float, np.ndarray, float]] = {}
     if detector.scores_whole_batch:
-        precomputed, thr = _score_whole_batch(detector, image_paths, thr)
+        precomputed, thr, meta["scored_batch"] = _score_whole_batch(detector, image_paths, thr)
     assert thr is not None  # only batch methods leave it to the batch
     settings = _settings_key(detector, image_paths)
     key_names = {display_path(p): n for p, n in zip(image_paths, names)}

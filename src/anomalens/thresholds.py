@@ -39,6 +39,7 @@ __all__ = [
     "check_finite_threshold",
     "check_mostly_normal",
     "fixed_threshold",
+    "pixel_sample_positions",
 ]
 
 
@@ -222,24 +223,62 @@ def calibrate_leave_one_out(
     )
 
 
-def batch_robust_threshold(scores: np.ndarray, maps: np.ndarray, *, k: float = 3.0) -> Threshold:
+#: Pixels of a batch's maps that the batch-robust pixel threshold looks at, at most.
+PIXEL_SAMPLE_SIZE = 1_000_000
+
+
+def pixel_sample_positions(num_pixels: int) -> np.ndarray:
+    """Which pixels :func:`batch_robust_threshold` takes from a batch of ``num_pixels``.
+
+    Positions into the batch's maps flattened in order (image after image, row-major): all
+    of them up to :data:`PIXEL_SAMPLE_SIZE`, else a seeded sample of that many (seed 0,
+    without replacement). Depends on the count only, so the pixels can be gathered from maps
+    held in different places (e.g. shards on other machines).
+
+    Returns:
+        (min(num_pixels, PIXEL_SAMPLE_SIZE),) int64 positions.
+    """
+    if num_pixels <= PIXEL_SAMPLE_SIZE:
+        return np.arange(num_pixels, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    return rng.choice(num_pixels, PIXEL_SAMPLE_SIZE, replace=False).astype(np.int64)
+
+
+def batch_robust_threshold(
+    scores: np.ndarray,
+    maps: np.ndarray | None = None,
+    *,
+    k: float = 3.0,
+    pixels: np.ndarray | None = None,
+) -> Threshold:
     """Outlier threshold from a batch that is mostly normal: median + k · 1.4826 · MAD.
 
     For batch zero-shot methods (MuSc) run without any normal image. The pixel threshold uses
-    the same rule on the pixel values of the maps (a seeded sample of at most 10^6 pixels).
+    the same rule on the pixel values of the maps (a seeded sample of at most 10^6 pixels,
+    :func:`pixel_sample_positions`).
+
+    Args:
+        scores: (N,) image scores of the batch.
+        maps: (N, H, W) anomaly maps of the batch (or give ``pixels``).
+        k: MADs above the median.
+        pixels: instead of ``maps``: the maps' values at :func:`pixel_sample_positions`.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size < 3:
         raise ValueError("a batch-robust threshold needs at least 3 scored images")
+    if (maps is None) == (pixels is None):
+        raise ValueError("batch_robust_threshold needs either maps or pixels")
 
     def rule(x: np.ndarray) -> float:
         med = float(np.median(x))
         mad = float(np.median(np.abs(x - med))) * 1.4826
         return med + k * max(mad, 1e-12)
 
-    pix = np.asarray(maps, dtype=np.float32).reshape(-1)
-    if pix.size > 1_000_000:
-        pix = np.random.default_rng(0).choice(pix, 1_000_000, replace=False)
+    if pixels is None:
+        pix = np.asarray(maps, dtype=np.float32).reshape(-1)
+        pix = pix[pixel_sample_positions(pix.size)]
+    else:
+        pix = np.asarray(pixels, dtype=np.float32).reshape(-1)
     pixel_value = rule(pix)
     lo = float(np.percentile(pix, 1.0))
     value = rule(scores)

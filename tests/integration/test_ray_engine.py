@@ -3,8 +3,9 @@
 Checks: equal to the single-process run (scores within 1e-6, decisions, files), a scoring
 worker killed mid-run still gives complete results (Ray restarts it and retries its batch),
 a killed driver's run resumes with every input exactly once (results.jsonl and Parquet
-shards), and ``--groups`` on Ray equals the local grouped run, from normal images or from
-per-group models, resuming a partial run.
+shards), ``--groups`` on Ray equals the local grouped run, from normal images or from
+per-group models, resuming a partial run, and MuSc scored in shards on both nodes equals
+single-process MuSc (maps and scores within 1e-5, decisions, files).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from anomalens.cli.main import main  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 METHOD = ["--method", "patchcore", "--backbone", "resnet18", "--weights", "random"]
 METHOD += ["--image-size", "64", "-q"]
+MUSC = ["--method", "musc", "--backbone", "resnet18", "--weights", "random"]
+MUSC += ["--image-size", "64", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +327,51 @@ def test_benchmark_grid_on_ray_equals_the_local_grid_and_resumes(cluster, tmp_pa
     stamps = [p.stat().st_mtime_ns for p in jobs]
     assert main([*grid, "--out", str(dist), "--engine", "ray"]) == 0  # all cells finished
     assert [p.stat().st_mtime_ns for p in jobs] == stamps
+
+
+@pytest.fixture(scope="module")
+def musc_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 striped textures in good/ and crack/ (red squares at other places) + a broken file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("muscin")
+    xx = np.mgrid[0:64, 0:64][1]
+    for i in range(12):
+        folder = root / ("good" if i < 8 else "crack")
+        folder.mkdir(exist_ok=True)
+        base = 128 + 40 * np.sin(xx / 3.0 + rng.uniform(0, 0.3)) + rng.normal(0, 4, (64, 64))
+        im = np.repeat(base[..., None], 3, axis=2).clip(0, 255).astype(np.uint8)
+        if i >= 8:
+            y = 8 + 10 * (i - 8)
+            im[y : y + 14, 40 - 6 * (i - 8) : 54 - 6 * (i - 8)] = [250, 30, 30]
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    (root / "good" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def test_musc_on_ray_equals_the_single_process_run(cluster, musc_folder, tmp_path) -> None:
+    """5 shards of 3 inputs on two 1-CPU nodes: every shard scored against every shard."""
+    local, dist = tmp_path / "local", tmp_path / "ray"
+    argv = ["predict", *MUSC, "--images", str(musc_folder), "--recursive"]
+    assert main([*argv, "--out", str(local)]) == 0
+    ray_flags = ["--engine", "ray", "--workers", "2", "--shard-size", "3"]
+    assert main([*argv, "--out", str(dist), *ray_flags]) == 0
+    a, b = _rows(local), _rows(dist)
+    assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) == 12
+    for ra, rb in zip(a, b):
+        assert abs(float(ra["score"]) - float(rb["score"])) <= 1e-5
+        assert ra["decision"] == rb["decision"] and ra["overlay"] == rb["overlay"]
+        assert ra["mask"] == rb["mask"]
+        assert abs(float(ra["threshold"]) - float(rb["threshold"])) <= 1e-5
+    assert {r["decision"] for r in a} == {"normal", "anomalous"}
+    for m in sorted((local / "maps").glob("*.npy")):
+        assert np.abs(np.load(m) - np.load(dist / "maps" / m.name)).max() <= 1e-5
+    assert _files(local) == _files(dist)  # the shards' scratch folder is gone
+    assert (local / "errors.csv").read_text() == (dist / "errors.csv").read_text()
+    assert "broken.png" in (dist / "errors.csv").read_text()
+    run, ref = (json.loads((d / "run.json").read_text()) for d in (dist, local))
+    assert run["status"] == "complete" and run["engine"]["shard_size"] == 3
+    assert run["settings"] == ref["settings"] and run["scored_batch"] == ref["scored_batch"]
+    assert run["threshold"]["value"] == pytest.approx(ref["threshold"]["value"], abs=1e-5)
+    assert run["threshold"]["pixel_value"] == pytest.approx(
+        ref["threshold"]["pixel_value"], abs=1e-5
+    )

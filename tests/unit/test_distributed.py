@@ -63,6 +63,25 @@ def test_batch_methods_are_refused_before_anything_is_fitted(tmp_path) -> None:
         run_predict_ray(lambda: create_detector("toy-batch"), [tmp_path / "a.png"], tmp_path)
 
 
+def test_musc_with_image_views_is_refused_and_shard_size_checked(tmp_path) -> None:
+    pytest.importorskip("ray")
+    from anomalens.distributed import run_predict_ray
+    from anomalens.geometry import ImageViews, with_views
+    from anomalens.registry import create_detector
+
+    def viewed():
+        det = create_detector("musc", backbone="resnet18", weights="random", image_size=64)
+        return with_views(det, ImageViews(tile=32))
+
+    with pytest.raises(ValueError, match="distributes for MuSc only"):
+        run_predict_ray(viewed, [tmp_path / "a.png"], tmp_path)
+    with pytest.raises(ValueError, match="--shard-size must be at least 1"):
+        RayOptions(shard_size=0)
+    with pytest.raises(SystemExit, match="--shard-size need --engine ray"):
+        main(["predict", "--method", "toy-zero", "--images", str(tmp_path), "--out",
+              str(tmp_path / "o"), "--shard-size", "8"])  # fmt: skip
+
+
 def test_manifest_feeds_a_local_run_with_unreadable_entries_in_errors(tmp_path) -> None:
     import csv
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_musc import PixelPatches, _textures
 
-from anomalens.detectors.musc import MuSc, musc_cost
+from anomalens.detectors.musc import MuSc, musc_cost, musc_shard_cost
 from anomalens.thresholds import batch_robust_threshold, check_mostly_normal
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
@@ -99,3 +99,14 @@ def test_too_many_flagged_warns() -> None:
     check = check_mostly_normal(scores, 1.5)
     assert check["flagged_fraction"] == 0.5 and "10 of 20 images lie beyond it" in check["warning"]
     assert "warning" not in check_mostly_normal(np.linspace(0, 1, 5), 0.9)  # too few to judge
+
+
+def test_musc_shard_cost_kept_distances_and_data_moved() -> None:
+    """Shard of 4 images in a batch of 101: kept = 4 x 16 x 30 float32; tokens of the batch
+    written once (101 x 2 layers x 16 x 8 x 2 bytes) and read once per r."""
+    cost = musc_shard_cost(4, 101, [(16, 8), (4, 8)], 3, 2, 4, 32, 2)
+    assert cost["kept_bytes"] == 4 * 16 * 30 * 4
+    assert cost["features_bytes"] == 101 * (16 * 8 + 4 * 8) * 2
+    assert cost["read_bytes"] == 3 * cost["features_bytes"]
+    bigger = musc_shard_cost(8, 101, [(16, 8), (4, 8)], 3, 2, 4, 32, 2)
+    assert bigger["memory_bytes"] > cost["memory_bytes"]

@@ -22,6 +22,30 @@ def _write(folder: Path, name: str, arr: np.ndarray) -> Path:
     return p
 
 
+def test_rows_of_another_scored_batch_are_not_reused(tmp_path, caplog):
+    """Same command and image list, but one image became unreadable: the batch scored
+    together is another one, so no stored row (scored in the old batch) is kept."""
+    images = tmp_path / "batch"
+    for i in range(6):
+        _write(images, f"g{i}.png", np.full((16, 16, 3), 60 + 30 * i, np.uint8))
+    paths = sorted(images.iterdir())
+    spec = ThresholdSpec(fixed=0.2)
+    out = tmp_path / "o"
+    run_predict(lambda: create_detector("toy-batch"), paths, out, threshold=spec, progress=False)
+    paths[0].write_bytes(b"no longer an image")
+    again = run_predict(
+        lambda: create_detector("toy-batch"), paths, out, threshold=spec, progress=False
+    )
+    assert "another batch of images scored together" in caplog.text
+    fresh = run_predict(
+        lambda: create_detector("toy-batch"), paths, tmp_path / "f", threshold=spec, progress=False
+    )
+    assert [r["score"] for r in again.rows] == [r["score"] for r in fresh.rows]
+    assert len(again.rows) == 5
+    run = json.loads((out / "run.json").read_text())
+    assert run["scored_batch"]["num_images"] == 5
+
+
 @pytest.fixture
 def folders(tmp_path: Path) -> tuple[Path, Path]:
     normal, images = tmp_path / "normal", tmp_path / "images"

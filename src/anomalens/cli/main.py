@@ -481,8 +481,15 @@ def _predict_runner(args: argparse.Namespace) -> Any:
     from anomalens.pipeline import run_predict, run_predict_groups
 
     if getattr(args, "engine", "local") != "ray":
-        if args.ray_address or args.workers is not None or args.gpus_per_worker:
-            raise SystemExit("error: --ray-address, --workers, --gpus-per-worker need --engine ray")
+        if (
+            args.ray_address
+            or args.workers is not None
+            or args.gpus_per_worker
+            or args.shard_size is not None
+        ):
+            raise SystemExit(
+                "error: --ray-address, --workers, --gpus-per-worker, --shard-size need --engine ray"
+            )
         return run_predict_groups if args.groups else run_predict
     import functools
 
@@ -499,6 +506,7 @@ def _predict_runner(args: argparse.Namespace) -> Any:
             address=args.ray_address,
             workers=2 if args.workers is None else args.workers,
             gpus_per_worker=args.gpus_per_worker or 0.0,
+            shard_size=args.shard_size,
         )
     except (RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -1260,6 +1268,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="with --parquet: rows per shard (default 100000)",
+    )
+    e.add_argument(
+        "--shard-size",
+        type=int,
+        metavar="N",
+        help="MuSc: images per shard of its mutual scoring; a worker's memory grows with it "
+        "(default: the images split into 2 shards per worker; see docs/scale.md)",
     )
     s.set_defaults(func=cmd_predict)
 

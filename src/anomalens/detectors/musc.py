@@ -59,6 +59,7 @@ __all__ = [
     "PatchFeatures",
     "musc_clip_backbone",
     "musc_cost",
+    "musc_shard_cost",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,65 @@ def musc_cost(
         "flops": msm + n * backbone_flops_per_image,
         "msm_flops": msm,
         "memory_bytes": float(tokens + lnamd_block + maps),
+    }
+
+
+def musc_shard_cost(
+    shard_size: int,
+    num_images: int,
+    layer_shapes: Sequence[tuple[int, int]],
+    num_r: int,
+    feature_bytes: int,
+    msm_bytes: int,
+    image_size: int,
+    chunk: int | None,
+    topmin_max: float = 0.3,
+) -> dict[str, float]:
+    """Memory of one worker scoring one shard of a sharded MuSc batch, and the data it moves.
+
+    The scoring stage of ``predict --engine ray`` (see ``anomalens.distributed.musc_shards``)
+    holds, for a shard of ``s`` query images of a batch of N, one (layer, r) at a time: the
+    tokens and LNAMD features of the shard and of one reference shard; for every query patch
+    the ``hi`` ~ ``topmin_max * (N - 1)`` smallest per-image NN distances (float32), plus
+    the merge of one block; one (c * L, c * L) distance block; the MSM scores of every
+    (r, layer); and float64 upsampling in slices of 16 images. The model itself is not
+    included.
+
+    Args:
+        shard_size: s, images per shard.
+        num_images: N, images scored together (one subset with ``divide_num``).
+        layer_shapes: per tapped layer, (tokens L, channels C) of one image.
+        num_r: number of LNAMD degrees.
+        feature_bytes: bytes per stored token value (``feature_dtype``).
+        msm_bytes: bytes per LNAMD feature value (``msm_dtype``).
+        image_size: working size S.
+        chunk: images per query / reference block (``chunk_size``; None = the shard).
+        topmin_max: upper end of MSM's interval (fraction of N - 1, or a count if >= 1).
+
+    Returns:
+        ``memory_bytes`` (peak of one worker), ``kept_bytes`` (the kept distances alone),
+        ``features_bytes`` (tokens of the whole batch: written once, to the work folder) and
+        ``read_bytes`` (what one shard's scoring reads: every shard's tokens once per r).
+    """
+    s = int(shard_size)
+    c = s if chunk is None else min(int(chunk), s)
+    hi = max(1, int(topmin_max * (num_images - 1)) if topmin_max < 1 else int(topmin_max))
+    per_image = sum(L * C for L, C in layer_shapes)
+    big_l, big_c = max(layer_shapes, key=lambda lc: lc[0] * lc[1])
+    finest = max(L for L, _ in layer_shapes)
+    tokens = 2 * s * big_l * big_c * feature_bytes  # the shard's and one reference shard's
+    lnamd = 2 * s * big_l * big_c * msm_bytes
+    kept = s * big_l * hi * 4
+    merge = c * big_l * (2 * hi + 2 * c) * 4
+    block = (c * big_l) ** 2 * 4
+    scores = s * finest * (4 * num_r * len(layer_shapes) + 8 * (num_r + 1))
+    maps = 16 * image_size * image_size * 12
+    features = num_images * per_image * feature_bytes
+    return {
+        "memory_bytes": float(tokens + lnamd + kept + merge + block + scores + maps),
+        "kept_bytes": float(kept),
+        "features_bytes": float(features),
+        "read_bytes": float(num_r * features),
     }
 
 
@@ -358,6 +418,24 @@ class MuSc(Detector):
             "budget_gb": budget_gb,  # type: ignore[dict-item]
         }
 
+    def estimate_shard_cost(self, shard_size: int, num_images: int) -> dict[str, float]:
+        """Per-worker memory and data moved when a batch is scored in shards (``--engine ray``).
+
+        See :func:`musc_shard_cost`; ``num_images`` is the largest subset (``divide_num``).
+        """
+        shapes, _ = self._layer_shapes()
+        return musc_shard_cost(
+            shard_size,
+            num_images,
+            shapes,
+            len(self.r),
+            self.feature_dtype.itemsize,
+            self.msm_dtype.itemsize,
+            self.image_size,
+            self.chunk_size,
+            self.topmin[1],
+        )
+
     def _check_budget(self, subset_sizes: Sequence[int]) -> None:
         """Log the estimate of a batch; refuse it above the budget unless ``force``."""
         est = self.estimate_cost(subset_sizes)
@@ -469,23 +547,8 @@ class MuSc(Detector):
             )
         if groups is None:
             groups = [_parent_folder(im) for im in images]
-        subsets = [s for s in divide_subsets(groups, self.divide_num, self.divide_seed) if s]
+        subsets = self.plan_subsets(groups, stacklevel=4)
         self._check_budget([len(s) for s in subsets])
-        small = min(len(s) for s in subsets)
-        if small < 2:
-            raise ValueError(
-                f"divide_num={self.divide_num} leaves a subset of 1 image out of {n} (MuSc "
-                "scores each image against the other images of its subset); use a smaller "
-                "divide_num"
-            )
-        if small < MIN_IMAGES_FOR_DEFAULT_INTERVAL:
-            what = "only" if len(subsets) == 1 else f"a subset (divide_num={self.divide_num}) of"
-            warnings.warn(
-                f"MuSc got {what} {small} images: the interval average of the smallest "
-                f"{self.topmin[1]:.0%} of the other images' distances is empty below "
-                f"{MIN_IMAGES_FOR_DEFAULT_INTERVAL} images; using the nearest image only",
-                stacklevel=3,
-            )
         maps = torch.empty(n, self.image_size, self.image_size, dtype=torch.float32)
         raw = torch.empty(n, dtype=torch.float64)
         emb: torch.Tensor | None = None
@@ -514,6 +577,37 @@ class MuSc(Detector):
         )
 
     # ------------------------------------------------------------------------------ stages
+    def plan_subsets(self, groups: Sequence[str], stacklevel: int = 2) -> list[list[int]]:
+        """The subsets scored separately (``divide_num``), checked; empty subsets dropped.
+
+        Args:
+            groups: one group label per image of the batch (see ``divide_num``).
+            stacklevel: of the small-subset warning.
+
+        Returns:
+            Lists of positions into the batch, in the official row order.
+
+        Raises:
+            ValueError: a subset of a single image.
+        """
+        subsets = [s for s in divide_subsets(groups, self.divide_num, self.divide_seed) if s]
+        small = min(len(s) for s in subsets)
+        if small < 2:
+            raise ValueError(
+                f"divide_num={self.divide_num} leaves a subset of 1 image out of {len(groups)} "
+                "(MuSc scores each image against the other images of its subset); use a smaller "
+                "divide_num"
+            )
+        if small < MIN_IMAGES_FOR_DEFAULT_INTERVAL:
+            what = "only" if len(subsets) == 1 else f"a subset (divide_num={self.divide_num}) of"
+            warnings.warn(
+                f"MuSc got {what} {small} images: the interval average of the smallest "
+                f"{self.topmin[1]:.0%} of the other images' distances is empty below "
+                f"{MIN_IMAGES_FOR_DEFAULT_INTERVAL} images; using the nearest image only",
+                stacklevel=stacklevel,
+            )
+        return subsets
+
     def extract_features(self, images: Sequence[ImageLike]) -> PatchFeatures:
         """Run the backbone over ``images`` in batches of ``batch_size``.
 
@@ -549,8 +643,7 @@ class MuSc(Detector):
             patch_maps: (N, h, w) float64 fused patch scores on the finest grid.
         """
         n = int(tokens[0].shape[0])
-        target = max(grids, key=lambda g: g[0] * g[1])
-        per_r: list[torch.Tensor] = []
+        per_r: list[list[torch.Tensor]] = []
         bar = tqdm(
             total=n * len(self.r) * len(tokens),
             desc="MuSc mutual scoring",
@@ -561,35 +654,86 @@ class MuSc(Detector):
         for r in self.r:
             per_layer: list[torch.Tensor] = []
             for feats, grid in zip(tokens, grids):
-                z = torch.cat(
-                    [
-                        lnamd(feats[i : i + self.batch_size].float(), grid, r).to(self.msm_dtype)
-                        for i in range(0, n, self.batch_size)
-                    ]
-                )
-                s = mutual_scores(
-                    z,
-                    *self.topmin,
-                    self.chunk_size,
-                    self.chunk_size,
-                    compute_dtype=self.msm_dtype,
-                    on_block=bar.update,
+                z = self.lnamd_features(feats, grid, r)
+                per_layer.append(
+                    mutual_scores(
+                        z,
+                        *self.topmin,
+                        self.chunk_size,
+                        self.chunk_size,
+                        compute_dtype=self.msm_dtype,
+                        on_block=bar.update,
+                    )
                 )
                 del z
-                s = s.double().view(n, *grid)
+            per_r.append(per_layer)
+        bar.close()
+        patch = self.fuse_patch_scores(per_r, grids)
+        maps, raw = self.upsample_patch_scores(patch)
+        return maps, raw, patch
+
+    def lnamd_features(self, tokens: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
+        """LNAMD of one layer's tokens with degree ``r``, in slices of ``batch_size`` images.
+
+        Args:
+            tokens: (N, L, C) stored tokens (any float dtype; LNAMD runs in float32).
+            grid: (h, w) with h * w = L.
+            r: LNAMD degree.
+
+        Returns:
+            (N, L, C) unit vectors in ``msm_dtype``.
+        """
+        n = int(tokens.shape[0])
+        return torch.cat(
+            [
+                lnamd(tokens[i : i + self.batch_size].float(), grid, r).to(self.msm_dtype)
+                for i in range(0, n, self.batch_size)
+            ]
+        )
+
+    def fuse_patch_scores(
+        self, per_r: Sequence[Sequence[torch.Tensor]], grids: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        """MSM scores of every (r, layer) fused on the finest grid.
+
+        Args:
+            per_r: per degree r (in ``self.r`` order), per layer, (N, L_l) MSM scores.
+            grids: per layer, (h_l, w_l).
+
+        Returns:
+            (N, h, w) float64 fused patch scores on the finest grid.
+        """
+        target = max(grids, key=lambda g: g[0] * g[1])
+        stacked: list[torch.Tensor] = []
+        for per_layer in per_r:
+            flat: list[torch.Tensor] = []
+            for s, grid in zip(per_layer, grids):
+                s = s.double().view(s.shape[0], *grid)
                 if tuple(grid) != tuple(target):
                     s = upsample_maps(s, target)
-                per_layer.append(s.flatten(1))
-            per_r.append(torch.stack(per_layer))
-        bar.close()
-        patch = fuse_scores(torch.stack(per_r)).view(n, *target)
+                flat.append(s.flatten(1))
+            stacked.append(torch.stack(flat))
+        fused = fuse_scores(torch.stack(stacked))
+        return fused.view(fused.shape[0], *target)
+
+    def upsample_patch_scores(self, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel maps and image scores (before RsCIN) from fused patch scores.
+
+        Args:
+            patch: (N, h, w) float64 fused patch scores.
+
+        Returns:
+            maps: (N, S, S) float32 on the CPU (upsampled in float64);
+            raw_scores: (N,) float64 max of each float64 map, on the CPU.
+        """
+        n = int(patch.shape[0])
         maps = torch.empty(n, self.image_size, self.image_size, dtype=torch.float32)
         raw = torch.empty(n, dtype=torch.float64)
         for i in range(0, n, 16):  # float64 upsampling in slices: bounded memory for big N
             up = upsample_maps(patch[i : i + 16], self.image_size)
             raw[i : i + 16] = max_scores(up).cpu()
             maps[i : i + 16] = up.float().cpu()
-        return maps, raw, patch
+        return maps, raw
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()

@@ -13,6 +13,9 @@ file system). The driver streams the rows back, appends each to ``results.jsonl`
 Failure behaviour: an actor that dies is restarted by Ray and its batch retried (Ray Data's
 defaults for actor pools); a row that arrives twice is kept once. A driver that dies leaves
 ``results.jsonl`` with every row received so far, and the same command resumes from there.
+
+MuSc, which scores every image against the whole input set, takes another route: its mutual
+scoring is cut into shards and block pairs (:mod:`anomalens.distributed.ray_musc`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -55,6 +58,9 @@ from anomalens.pipeline import (
 )
 from anomalens.thresholds import Threshold
 
+if TYPE_CHECKING:
+    from anomalens.detectors.musc import MuSc
+
 __all__ = ["RayOptions", "read_manifest", "require_ray", "run_predict_ray"]
 
 log = logging.getLogger(__name__)
@@ -73,16 +79,21 @@ class RayOptions:
         workers: actors in the scoring pool (each loads the model once).
         gpus_per_worker: GPUs per actor; above 0 the actors run the detector on ``cuda``.
         cpus_per_worker: CPUs reserved per actor (torch uses as many threads).
+        shard_size: MuSc only: images per shard of its mutual scoring (None: two shards per
+            worker; see docs/scale.md for the memory a shard takes).
     """
 
     address: str | None = None
     workers: int = 2
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    shard_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ValueError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.gpus_per_worker < 0:
             raise ValueError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.cpus_per_worker <= 0:
@@ -134,6 +145,19 @@ def read_manifest(path: str | os.PathLike[str]) -> list[Path]:
     return out
 
 
+def _load_detector(model: list[Any], device: str | None) -> Detector:
+    """The detector of a model file given as bytes, or as ``[ObjectRef]`` of its bytes."""
+    import ray
+
+    from anomalens.model_file import load_model
+
+    blob = ray.get(model[0]) if isinstance(model[0], ray.ObjectRef) else model[0]
+    with tempfile.TemporaryDirectory(prefix="anomalens-ray-") as tmp:
+        path = Path(tmp) / "model.anomalens"
+        path.write_bytes(blob)
+        return load_model(path, device=device).detector
+
+
 class _Scorer:
     """Ray Data actor: loads the model once, then scores, judges and writes each batch."""
 
@@ -146,15 +170,7 @@ class _Scorer:
         save_masks: bool,
         device: str | None,
     ) -> None:
-        import ray
-
-        from anomalens.model_file import load_model
-
-        blob = ray.get(model[0]) if isinstance(model[0], ray.ObjectRef) else model[0]
-        with tempfile.TemporaryDirectory(prefix="anomalens-ray-") as tmp:
-            path = Path(tmp) / "model.anomalens"
-            path.write_bytes(blob)
-            self.detector = load_model(path, device=device).detector
+        self.detector = _load_detector(model, device)
         thr = threshold_from_dict(threshold)
         assert thr is not None
         self.thr: Threshold = thr
@@ -206,6 +222,9 @@ def _connect(ray: Any, options: RayOptions, progress: bool) -> bool:
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if options.address is None:
+        # "local": a new instance even when another Ray cluster runs on this machine (a bare
+        # ray.init() would join the one started last)
+        kwargs["address"] = "local"
         need = int(np.ceil(options.workers * options.cpus_per_worker))
         kwargs["num_cpus"] = max(os.cpu_count() or 1, need)
         kwargs["include_dashboard"] = False
@@ -217,7 +236,7 @@ def _connect(ray: Any, options: RayOptions, progress: bool) -> bool:
     return True
 
 
-def _model_bytes(detector: Detector, thr: Threshold) -> bytes:
+def _model_bytes(detector: Detector, thr: Threshold | None) -> bytes:
     """The fitted detector and its threshold as one self-contained ``.anomalens`` file."""
     with tempfile.TemporaryDirectory(prefix="anomalens-ray-") as tmp:
         path = detector.save(Path(tmp) / "model.anomalens", threshold=thr, embed_weights=True)
@@ -250,11 +269,13 @@ def run_predict_ray(
     Same arguments, outputs and resume rule as ``run_predict`` (the files are equal to a
     single-process run's up to times), plus ``options`` (cluster address and pool size).
     ``out_dir`` must be writable by every worker, and every image readable by every worker.
+    MuSc scores the whole input set as one batch, in shards (see
+    :mod:`anomalens.distributed.ray_musc`); ``batch_size`` does not apply to it.
 
     Raises:
         RuntimeError: Ray is not installed (the message says how to install it).
-        ValueError: a method whose scores depend on the whole batch (MuSc): not distributed
-            yet; or the same input errors as ``run_predict``.
+        ValueError: a method other than MuSc whose scores depend on the whole batch (or MuSc
+            with image views): not distributed; or the same input errors as ``run_predict``.
     """
     ray = require_ray()
     options = options or RayOptions()
@@ -269,24 +290,46 @@ def run_predict_ray(
     if detector is not None:
         if normal_paths:
             raise ValueError("the detector is already fitted: give no normal images with it")
-        if detector.scores_whole_batch:
-            raise ValueError(_BATCH_REFUSAL.format(name=detector.name))
+        _check_distributable(detector)
         thr = threshold_for_model(detector, model_threshold, spec, errors, category)
     elif make_detector is None:
         raise ValueError("run_predict_ray needs make_detector or a fitted detector")
     else:
         probe = make_detector()
-        if probe.scores_whole_batch:  # refuse before fitting anything
-            raise ValueError(_BATCH_REFUSAL.format(name=probe.name))
+        _check_distributable(probe)  # refuse before fitting anything
         detector, shots = _fit(lambda: probe, normal_paths, category, errors)
         thr = _set_threshold(spec, make_detector, detector, shots, errors, category)
-    if thr is None:
-        raise ValueError("no threshold could be set for the run")
     image_paths = [Path(p) for p in image_paths]
     if not image_paths:
         raise ValueError("no image to inspect")
     names = _unique_names(image_paths)
     settings = _settings_key(detector, image_paths)
+    if _is_musc(detector):
+        from anomalens.distributed.ray_musc import predict_musc_on_ray
+
+        thr, done = predict_musc_on_ray(
+            ray,
+            options,
+            detector,
+            thr,
+            image_paths,
+            names,
+            out,
+            settings,
+            meta,
+            errors,
+            resume=resume,
+            save_overlays=save_overlays,
+            save_masks=save_masks,
+            progress=progress,
+        )
+        # every row is known now: the Parquet shards get those not in a kept shard
+        _close_parquet(_open_parquet(out, done, parquet_rows), meta)
+        return _finish(
+            out, image_paths, names, done, errors, thr, detector, settings, title, meta, t0
+        )
+    if thr is None:
+        raise ValueError("no threshold could be set for the run")
     key_names = {display_path(p): n for p, n in zip(image_paths, names)}
     done = _resume(
         out,
@@ -317,7 +360,24 @@ def run_predict_ray(
             on_rows=None if shards is None else shards.add,
         )
     _close_parquet(shards, meta)
-    order = {k: i for i, k in enumerate(key_names)}
+    return _finish(out, image_paths, names, done, errors, thr, detector, settings, title, meta, t0)
+
+
+def _finish(
+    out: Path,
+    image_paths: list[Path],
+    names: list[str],
+    done: dict[str, dict[str, Any]],
+    errors: list[dict[str, str]],
+    thr: Threshold,
+    detector: Detector,
+    settings: dict[str, Any],
+    title: str,
+    meta: dict[str, Any],
+    t0: float,
+) -> PredictSummary:
+    """Errors in input order, then results.csv, errors.csv, report.html and run.json."""
+    order = {display_path(p): i for i, p in enumerate(image_paths)}
     errors.sort(key=lambda e: order.get(e["path"], len(order)))
     rows = [done[display_path(p)] for p in image_paths if display_path(p) in done]
     _write_outputs(out, rows, errors, thr, detector, settings, title, names, image_paths, meta)
@@ -325,10 +385,27 @@ def run_predict_ray(
     return PredictSummary(out, len(rows), n_anom, len(errors), thr, time.perf_counter() - t0, rows)
 
 
+def _is_musc(detector: Detector) -> TypeGuard[MuSc]:
+    from anomalens.detectors.musc import MuSc  # not at import: it loads open_clip
+
+    return isinstance(detector, MuSc)
+
+
+# for --groups on Ray: a batch method is distributed for one MuSc run only
 _BATCH_REFUSAL = (
-    "{name} scores each image against the whole batch, which --engine ray does not distribute "
-    "yet: run it without --engine ray"
+    "{name} scores each image against the whole batch, which --engine ray distributes only for "
+    "a single MuSc run, not with --groups: run one command per group, or without --engine ray"
 )
+
+
+def _check_distributable(detector: Detector) -> None:
+    """Refuse a method whose scores depend on the whole batch, other than plain MuSc."""
+    if detector.scores_whole_batch and not _is_musc(detector):
+        raise ValueError(
+            f"{detector.name} scores each image against the whole batch, which --engine ray "
+            "distributes for MuSc only (and not with --resize / --roi / --tile views): run it "
+            "without --engine ray"
+        )
 
 
 def _score_on_ray(

@@ -7,7 +7,10 @@ MuSc (Li et al., ICLR 2024) scores a *batch* of unlabeled test images against ea
 2. :func:`mutual_scores` gives every patch of image i the mean of the smallest (default 30 %)
    of its nearest-neighbour distances to each other image j != i. It streams over blocks of
    query and reference images, so memory is bounded by the block sizes, and the result equals
-   the single-block computation.
+   the single-block computation. :class:`MutualScoreBlocks` gives the same scores when the
+   reference images arrive in separate blocks (e.g. shards on other machines): it keeps only
+   the smallest distances per patch (:func:`merge_smallest`) and checks that every image of
+   the batch was counted exactly once.
 3. :func:`fuse_scores` averages the (layer, r) score maps (float64), :func:`upsample_maps`
    resizes them bilinearly (``align_corners=True``), :func:`max_scores` takes the image score.
 4. :func:`rscin` re-scores the image scores with a similarity graph over global embeddings.
@@ -32,11 +35,14 @@ from anomalens.scoring.maps import upsample
 __all__ = [
     "MIN_IMAGES_FOR_DEFAULT_INTERVAL",
     "UNIT_NORM_TOLERANCE",
+    "MutualScoreBlocks",
+    "check_unit_norm",
     "divide_subsets",
     "fuse_scores",
     "interval_bounds",
     "lnamd",
     "max_scores",
+    "merge_smallest",
     "minmax_normalize",
     "mutual_scores",
     "nn_distances",
@@ -184,6 +190,22 @@ def nn_distances(
     return out.view(q, n, r)
 
 
+def check_unit_norm(features: torch.Tensor) -> None:
+    """Refuse features whose norms are off 1 by more than :data:`UNIT_NORM_TOLERANCE`.
+
+    The half-precision neighbour search of :func:`nn_distances` needs unit vectors.
+
+    Args:
+        features: (..., C) features.
+    """
+    dev = (features.float().norm(dim=-1) - 1).abs().max().item()
+    if dev > UNIT_NORM_TOLERANCE:
+        raise ValueError(
+            f"half-precision MSM needs unit-norm features (LNAMD output); a norm is off by "
+            f"{dev:.3g}"
+        )
+
+
 def mutual_scores(
     features: torch.Tensor,
     topmin_min: float = 0.0,
@@ -231,12 +253,7 @@ def mutual_scores(
     for q0 in range(0, n, qc):
         q1 = min(q0 + qc, n)
         if half:  # every image is a query once: this checks all of them, O(N L C) in total
-            dev = (features[q0:q1].float().norm(dim=-1) - 1).abs().max().item()
-            if dev > UNIT_NORM_TOLERANCE:
-                raise ValueError(
-                    f"half-precision MSM needs unit-norm features (LNAMD output); a norm is off "
-                    f"by {dev:.3g}"
-                )
+            check_unit_norm(features[q0:q1])
         dist = torch.empty(q1 - q0, length, n, dtype=torch.float32, device=features.device)
         for r0 in range(0, n, rc):
             r1 = min(r0 + rc, n)
@@ -248,6 +265,106 @@ def mutual_scores(
         if on_block is not None:
             on_block(q1 - q0)
     return out
+
+
+def merge_smallest(kept: torch.Tensor | None, block: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest values of ``kept`` and ``block`` together, along the last axis.
+
+    Exact: the k smallest of a union are the k smallest of the union of each part's k
+    smallest, so any split of the values into blocks, merged in any order, keeps the same
+    values (as a multiset; the order along the last axis is unspecified).
+
+    Args:
+        kept: (Q, L, a) values kept so far, or None.
+        block: (Q, L, b) new values.
+        k: how many to keep, >= 1.
+
+    Returns:
+        (Q, L, min(k, a + b)) values.
+    """
+    both = block if kept is None else torch.cat([kept, block], dim=-1)
+    if both.shape[-1] <= k:
+        return both
+    return torch.topk(both, k, dim=-1, largest=False, sorted=False).values
+
+
+class MutualScoreBlocks:
+    """MSM scores of some query images of a batch, from reference blocks given one by one.
+
+    Equals :func:`mutual_scores` on the whole batch for these queries (up to the rounding of
+    the distance blocks): for each query patch only the ``hi`` smallest per-image NN
+    distances are kept (:func:`merge_smallest`), which is all the interval average needs.
+    Every image of the batch (the queries' own images included: their distances to
+    themselves are masked) must be added exactly once, in any order and any blocking; a
+    reference image added twice, or one missing when :meth:`scores` is called, raises an
+    error, so a dropped or double-counted block cannot go unnoticed.
+
+    Memory: (Q, L, hi + R) float32 for Q queries and blocks of R reference images, where
+    ``hi`` = :func:`interval_bounds` upper rank (about 0.3 N by default).
+
+    Args:
+        query_ids: (Q,) batch positions of the query images.
+        num_images: N, the images of the batch (the scoring set) the queries belong to.
+        topmin_min: lower bound of the averaged interval (see :func:`interval_bounds`).
+        topmin_max: upper bound of the averaged interval.
+    """
+
+    def __init__(
+        self,
+        query_ids: Sequence[int],
+        num_images: int,
+        topmin_min: float = 0.0,
+        topmin_max: float = 0.3,
+    ) -> None:
+        self.query_ids = torch.as_tensor(list(query_ids), dtype=torch.int64)
+        self.num_images = int(num_images)
+        self.lo, self.hi = interval_bounds(self.num_images - 1, topmin_min, topmin_max)
+        self.kept: torch.Tensor | None = None
+        self.seen: set[int] = set()
+
+    def add(self, distances: torch.Tensor, ref_ids: Sequence[int]) -> None:
+        """Merge one block of NN distances.
+
+        Args:
+            distances: (Q, L, R) from :func:`nn_distances` (queries x these references).
+            ref_ids: (R,) batch positions of the reference images of the block.
+        """
+        ids = [int(i) for i in ref_ids]
+        if distances.ndim != 3 or distances.shape[0] != len(self.query_ids):
+            raise ValueError(
+                f"distances must be (Q={len(self.query_ids)}, L, R), got {tuple(distances.shape)}"
+            )
+        if distances.shape[2] != len(ids):
+            raise ValueError(f"{distances.shape[2]} distance columns but {len(ids)} reference ids")
+        twice = self.seen.intersection(ids)
+        if twice or len(set(ids)) != len(ids):
+            raise ValueError(
+                f"reference image(s) {sorted(twice) or ids} given twice: each image of the "
+                "batch must be counted once"
+            )
+        if any(not 0 <= i < self.num_images for i in ids):
+            raise ValueError(f"reference ids must lie in [0, {self.num_images}), got {ids}")
+        self.seen.update(ids)
+        d = distances.float()
+        own = self.query_ids.to(d.device)[:, None] == torch.as_tensor(ids, device=d.device)
+        if bool(own.any()):
+            d = d.masked_fill(own[:, None, :], float("inf"))  # not compared with itself
+        self.kept = merge_smallest(self.kept, d, self.hi)
+
+    def scores(self) -> torch.Tensor:
+        """(Q, L) float32: mean of the sorted kept distances of ranks [lo, hi).
+
+        Raises:
+            ValueError: not every image of the batch was added.
+        """
+        if len(self.seen) != self.num_images or self.kept is None:
+            missing = sorted(set(range(self.num_images)) - self.seen)
+            raise ValueError(
+                f"{len(missing)} reference image(s) of the batch of {self.num_images} were "
+                f"never added (e.g. {missing[:5]}): a block is missing"
+            )
+        smallest = torch.sort(self.kept, dim=2).values
+        return smallest[:, :, self.lo : self.hi].mean(dim=2)
 
 
 # ------------------------------------------------------------------------------ subsets
