@@ -265,18 +265,37 @@ def test_paged_store_widens_counts_before_uint32_overflow(monkeypatch: pytest.Mo
     assert rows.neg_eq.tolist() == [1199] and rows.n_neg == 1199
 
 
-@needs_numba
-def test_paged_store_reports_nan_without_storing() -> None:
-    store = PagedStore()
-    counted = store.count(np.array([0.1, np.nan, -np.inf], np.float32))
-    assert counted.nan == 1 and counted.lo == -np.inf and counted.hi == np.float32(0.1)
-    with pytest.raises(ValueError, match="NaN"):
-        store.add_scores(counted)
-    assert store.size == 0
+def test_nan_maps_are_refused_before_anything_is_stored() -> None:
     acc = PixelMetricAccumulator("exact")
     with pytest.raises(ValueError, match="NaN"):
         acc.update(np.array([[np.nan, 1.0]], np.float32), np.array([[0, 1]], bool))
-    assert acc.num_pixels == 0
+    assert acc.num_pixels == 0 and acc._buckets.size == 0
+
+
+@needs_numba
+def test_paged_store_page_budget_keeps_buckets_sparse() -> None:
+    """Past the page budget further buckets stay sparse; the counts stay exact."""
+    store = PagedStore(page_min=10, pending=16, page_budget=0)
+    ref = BucketStore()
+    rng = np.random.default_rng(5)
+    keys = order_keys(rng.normal(size=20_000).astype(np.float32))
+    store.add(keys)
+    store.add(keys[::3])
+    ref.add(keys)
+    ref.add(keys[::3])
+    assert (store.counts >= 10).any()
+    assert store.n_pages == 0 and store.sparse.size == keys.size + keys[::3].size
+    pos = keys[:500]
+    a, b = store.rows(pos, np.ones(pos.size)), ref.rows(pos, np.ones(pos.size))
+    for field in ("keys", "pos", "neg_lt", "neg_eq"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    probe = PagedStore(page_min=100, pending=16)
+    one = PagedStore(page_min=100, pending=16, page_budget=probe.page_bytes)
+    dense = np.float32(1.0) + rng.random(5000).astype(np.float32) * 1e-3  # one bucket
+    less = np.float32(2.0) + rng.random(500).astype(np.float32) * 1e-3  # another
+    one.add(np.concatenate([keys, order_keys(dense), order_keys(less)]))
+    assert (one.counts >= 100).sum() > 1 and one.n_pages == 1  # the densest bucket only
+    assert one.page_of[np.argmax(one.counts)] == 0
 
 
 def test_without_numba_the_numpy_store_is_used() -> None:

@@ -27,36 +27,57 @@ bucket's all-pixel counts from its pages or sparse keys, and emits one row per d
 anomalous key with the exact normal counts below and equal: linear time, buckets split over
 the threads. The result is identical to the numpy ``BucketStore`` and to the sort path.
 
-Memory: T x (256 KiB histogram + 128 KiB pending) per paged bucket plus 4 bytes per sparse
-pixel. Without numba (or with ``ANOMALENS_NO_NUMBA=1``) the numpy ``BucketStore`` is used:
+Memory: T x (256 KiB histogram + 128 KiB pending) per paged bucket, at most ``PAGE_BUDGET``
+(2 GiB; further buckets stay sparse), plus 4 bytes per sparse pixel. The page arrays are
+allocated without numpy's huge-page advice (see :func:`_no_hugepages`). Without numba (or with ``ANOMALENS_NO_NUMBA=1``) the numpy ``BucketStore`` is used:
 same results, 2 bytes per pixel, several times slower.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from anomalens.metrics._buckets import NUM_BUCKETS, ExactRows, GrowingArray, keys_to_float32
+from anomalens.metrics._buckets import NUM_BUCKETS, ExactRows, GrowingArray
 
-__all__ = ["PAGE_MIN", "PENDING", "Counted", "PagedStore", "available", "compiled", "threads"]
+__all__ = ["PAGE_BUDGET", "PAGE_MIN", "PENDING", "PagedStore", "available", "compiled", "threads"]
 
 log = logging.getLogger(__name__)
 
 _OFFSET = 1 << 15
 PAGE_MIN = 1 << 16  # pixels a bucket needs before it gets its pages
 PENDING = 1 << 16  # low parts buffered per page and thread before they are folded
+PAGE_BUDGET = 2 << 30  # bytes of pages at most (then further buckets stay sparse)
+_FIRST_PAGES = 256  # page capacity of the first allocation
 _U32_LIMIT = (1 << 32) - 1
-_I32 = (-(1 << 31), (1 << 31) - 1)
+
+
+@contextlib.contextmanager
+def _no_hugepages() -> Iterator[None]:
+    """Allocate without numpy's transparent-huge-page advice.
+
+    numpy advises huge pages for arrays of 4 MiB and more; where the kernel then compacts
+    memory on the page fault (``defrag=madvise``) first touches of the pages cost far more
+    than the counting itself (measured here: storing a pixel went from 3.8 to 4.8 ns).
+    """
+    toggle = getattr(getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None)
+    if toggle is None:  # pragma: no cover - private numpy switch gone: keep the default
+        yield
+        return
+    previous = toggle(False)
+    try:
+        yield
+    finally:
+        toggle(previous)
 
 
 def _disabled() -> bool:
@@ -123,38 +144,24 @@ def _shares(n: int, parts: int) -> list[tuple[int, int]]:
     return [(min(n, t * step), min(n, (t + 1) * step)) for t in range(parts)]
 
 
-@dataclass(frozen=True)
-class Counted:
-    """A batch counted by :meth:`PagedStore.count`, ready for :meth:`PagedStore.add_scores`.
-
-    Attributes:
-        values: (M,) int32 float bits (``from_float``) or order keys.
-        from_float: whether ``values`` are float32 bits.
-        local: (T, 65536) int64 pixels per bucket in each thread's share.
-        lo: smallest score (float32; meaningless for an all-NaN batch).
-        hi: largest score (float32; meaningless for an all-NaN batch).
-        nan: number of NaN scores.
-    """
-
-    values: np.ndarray
-    from_float: bool
-    local: np.ndarray
-    lo: np.float32
-    hi: np.float32
-    nan: int
-
-
 class PagedStore:
     """Exact counts of every int32 order key added (see the module docstring).
 
     Args:
         page_min: pixels a bucket needs before it gets pages.
         pending: low parts buffered per page and thread before a fold.
+        page_budget: bytes the pages may take in all; further buckets stay sparse.
     """
 
-    def __init__(self, page_min: int = PAGE_MIN, pending: int = PENDING) -> None:
-        if page_min < 1 or pending < 1:
-            raise ValueError(f"page_min and pending must be >= 1, got {page_min}, {pending}")
+    def __init__(
+        self, page_min: int = PAGE_MIN, pending: int = PENDING, page_budget: int = PAGE_BUDGET
+    ) -> None:
+        if page_min < 1 or pending < 1 or page_budget < 0:
+            raise ValueError(
+                f"page_min and pending must be >= 1 and page_budget >= 0, got {page_min}, "
+                f"{pending}, {page_budget}"
+            )
+        self.page_budget = int(page_budget)
         kernels = compiled()
         if kernels is None:
             raise RuntimeError(
@@ -165,105 +172,119 @@ class PagedStore:
         self.page_min = int(page_min)
         self.threads = threads()
         t = self.threads
-        self.counts = np.zeros(NUM_BUCKETS, dtype=np.int64)  # all pixels per bucket
+        self.n_keys = 0
+        self.sparse_counts = np.zeros(NUM_BUCKETS, dtype=np.int64)  # keys kept sparse, ever
+        self._counts: np.ndarray | None = None  # all keys per bucket (at settle)
         self.page_of = np.full(NUM_BUCKETS, -1, dtype=np.int32)
         self.n_pages = 0
-        # pages lead, so adding pages grows the arrays in place (ndarray.resize: a realloc)
         self.hist = np.zeros((0, t, NUM_BUCKETS), dtype=np.uint32)
         self.pending = np.zeros((0, t, int(pending)), dtype=np.uint16)
         self.pending_n = np.zeros((t, 0), dtype=np.int64)  # (thread, page): no false sharing
         self.sparse = GrowingArray(np.int32)
         self._grouped: tuple[np.ndarray, np.ndarray] | None = None  # sparse keys by bucket
+        self._buffers: list[np.ndarray] = []
 
     @property
     def size(self) -> int:
         """Number of keys added."""
-        return int(self.counts.sum())
+        return self.n_keys
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Keys per bucket, all of them: (65536,) int64 (folds what is pending)."""
+        return self._counts_settled()
 
     @property
     def nbytes(self) -> int:
         """Bytes held (pages, pending buffers, sparse keys, tables)."""
-        arrays = (self.counts, self.page_of, self.hist, self.pending, self.pending_n)
+        arrays = (self.sparse_counts, self.page_of, self.hist, self.pending, self.pending_n)
         grouped = self._grouped[1].nbytes if self._grouped else 0
         return int(sum(a.nbytes for a in arrays) + self.sparse.data.nbytes + grouped)
 
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one bucket's pages and pending buffers (all threads)."""
+        return self.threads * (NUM_BUCKETS * self.hist.itemsize + 2 * self.pending.shape[2])
+
     def _grow(self, n_pages: int) -> None:
+        """Room for ``n_pages`` pages: fresh zeroed arrays (the OS zeroes pages lazily, on
+        first touch) with the old pages copied in, capacity doubling."""
         cap, t, _ = self.hist.shape
         if n_pages <= cap:
             return
-        new_cap = max(n_pages, 2 * cap, 64)
-        for array in (self.hist, self.pending):  # new rows are zero-filled
-            array.resize((new_cap, *array.shape[1:]), refcheck=False)
+        new_cap = max(n_pages, 2 * cap, _FIRST_PAGES)
+        with _no_hugepages():
+            hist = np.zeros((new_cap, t, NUM_BUCKETS), dtype=self.hist.dtype)
+            pending = np.zeros((new_cap, t, self.pending.shape[2]), dtype=np.uint16)
+        hist[:cap] = self.hist
+        pending[:cap] = self.pending
         pending_n = np.zeros((t, new_cap), dtype=np.int64)
         pending_n[:, :cap] = self.pending_n
-        self.pending_n = pending_n
+        self.hist, self.pending, self.pending_n = hist, pending, pending_n
 
     # ------------------------------------------------------------------ add
-    def count(self, scores: np.ndarray) -> Counted:
-        """First half of :meth:`add_scores`: count a batch without storing it.
-
-        Args:
-            scores: (M,) float32 scores.
-
-        Returns:
-            The batch's bucket counts, its min and max score and the number of NaN.
-        """
+    def add_scores(self, scores: np.ndarray) -> None:
+        """Store (M,) float32 scores (no NaN: the caller checks, e.g. with min/max)."""
         bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.int32)
-        return self._count(bits, True)
-
-    def _count(self, values: np.ndarray, from_float: bool) -> Counted:
-        local = np.zeros((self.threads, NUM_BUCKETS), dtype=np.int64)
-        shares = _shares(values.size, self.threads)
-        out = _parallel(
-            [
-                functools.partial(self._k.count, values, a, b, from_float, local[t])
-                for t, (a, b) in enumerate(shares)
-            ]
-        )
-        lo = min(o[0] for o in out)
-        hi = max(o[1] for o in out)
-        lo_hi = keys_to_float32(np.clip(np.array([lo, hi], dtype=np.int64), *_I32))
-        return Counted(values, from_float, local, lo_hi[0], lo_hi[1], sum(o[2] for o in out))
-
-    def add_scores(self, counted: Counted) -> None:
-        """Store a batch counted by :meth:`count` (which must have found no NaN)."""
-        if counted.nan:
-            raise ValueError("scores contain NaN")
-        self._add(counted)
+        self._add(bits, True)
 
     def add(self, keys: np.ndarray) -> None:
-        """Count and store (M,) int32 order keys."""
-        self._add(self._count(np.ascontiguousarray(keys, dtype=np.int32), False))
+        """Store (M,) int32 order keys."""
+        self._add(np.ascontiguousarray(keys, dtype=np.int32), False)
 
-    def _add(self, counted: Counted) -> None:
-        if counted.values.size == 0:
+    def _add(self, values: np.ndarray, from_float: bool) -> None:
+        """One pass per thread share: count buckets, store paged keys, collect sparse ones.
+
+        Buckets that reach ``page_min`` pixels get pages after the batch (their earlier
+        pixels stay sparse until ``compute`` folds them in), while the pages fit in
+        ``page_budget`` bytes; beyond it every further bucket stays sparse.
+        """
+        if values.size == 0:
             return
-        if counted.local.shape[0] != self.threads:
-            raise ValueError("the batch was counted by another store")
-        local = counted.local
-        total = self.counts + local.sum(axis=0)
-        if self.hist.dtype == np.uint32 and int(total.sum()) > _U32_LIMIT:
+        if self.hist.dtype == np.uint32 and self.size + values.size > _U32_LIMIT:
             self.hist = self.hist.astype(np.uint64)  # a single value could pass 2**32 - 1
-        promote = np.flatnonzero((self.page_of < 0) & (total >= self.page_min))
-        if promote.size:
-            self._grow(self.n_pages + promote.size)
-            self.page_of[promote] = np.arange(self.n_pages, self.n_pages + promote.size)
-            self.n_pages += promote.size
-        self.counts = total
-        per_thread = local[:, self.page_of < 0].sum(axis=1)
-        at = np.concatenate(([0], np.cumsum(per_thread))).tolist()
-        sparse_out = np.empty(int(at[-1]), dtype=np.int32)
-        values, from_float = counted.values, counted.from_float
+        shares = _shares(values.size, self.threads)
+        sparse = self._scratch([b - a for a, b in shares])
         state = (self.pending, self.pending_n, self.hist)
 
-        def scatter(t: int, a: int, b: int) -> None:
-            self._k.scatter(values, a, b, from_float, t, self.page_of, sparse_out, at[t], *state)
+        def scatter(t: int, a: int, b: int) -> int:
+            k = self._k
+            return int(k.scatter(values, a, b, from_float, t, self.page_of, sparse[t], *state))
 
-        shares = _shares(values.size, self.threads)
-        _parallel([functools.partial(scatter, t, a, b) for t, (a, b) in enumerate(shares)])
-        if sparse_out.size:
-            self.sparse.append(sparse_out)
+        written = _parallel(
+            [functools.partial(scatter, t, a, b) for t, (a, b) in enumerate(shares)]
+        )
+        self.n_keys += values.size
+        self._counts = None
+        kept = [part[:n] for part, n in zip(sparse, written, strict=True) if n]
+        if kept:
+            new = np.concatenate(kept) if len(kept) > 1 else kept[0]
+            self._k.count_keys(new, self.sparse_counts)
+            self.sparse.append(new)
             self._grouped = None
+        self._promote()
+
+    def _scratch(self, sizes: list[int]) -> list[np.ndarray]:
+        """Per-thread int32 buffers for the sparse keys of a batch, reused across batches."""
+        if len(self._buffers) != len(sizes) or any(
+            buf.size < n for buf, n in zip(self._buffers, sizes, strict=True)
+        ):
+            with _no_hugepages():
+                self._buffers = [np.empty(n, dtype=np.int32) for n in sizes]
+        return [buf[:n] for buf, n in zip(self._buffers, sizes, strict=True)]
+
+    def _promote(self) -> None:
+        """Give pages to the buckets that have reached ``page_min`` pixels (within budget)."""
+        promote = np.flatnonzero((self.page_of < 0) & (self.sparse_counts >= self.page_min))
+        room = self.page_budget // self.page_bytes - self.n_pages
+        if promote.size > room:  # the densest buckets first
+            dense = np.argsort(-self.sparse_counts[promote], kind="stable")[:room]
+            promote = np.sort(promote[dense])
+        if promote.size <= 0:
+            return
+        self._grow(self.n_pages + promote.size)
+        self.page_of[promote] = np.arange(self.n_pages, self.n_pages + promote.size)
+        self.n_pages += promote.size
 
     # -------------------------------------------------------------- compute
     def _settle(self) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +303,20 @@ class PagedStore:
             self.sparse = GrowingArray(np.int32)
             self.sparse.append(kept)
             self._grouped = (self.sparse.view(), starts)
+        if self._counts is None:
+            counts = np.diff(self._grouped[1])  # the sparse keys left
+            if self.n_pages:
+                totals = np.zeros(self.n_pages, dtype=np.int64)
+                self._k.page_totals(self.hist, self.pending_n, totals)
+                paged = np.flatnonzero(self.page_of >= 0)
+                counts[paged] += totals[self.page_of[paged]]
+            self._counts = counts
         return self._grouped
+
+    def _counts_settled(self) -> np.ndarray:
+        self._settle()
+        assert self._counts is not None
+        return self._counts
 
     def _page(self, p: int) -> np.ndarray:
         """Counts of page p over all threads: (65536,) int64."""
@@ -301,12 +335,13 @@ class PagedStore:
             np.ascontiguousarray(pos_weight, dtype=np.float64),
         )
         per_bucket = np.diff(starts)
-        below = np.concatenate(([0], np.cumsum(self.counts - per_bucket)))  # normal < bucket
+        counts = self._counts_settled()
+        below = np.concatenate(([0], np.cumsum(counts - per_bucket)))  # normal < bucket
         mixed = np.flatnonzero(per_bucket)
         # split the mixed buckets over the threads by their number of pixels
         bounds = [0, 0]
         if mixed.size:
-            cum = np.cumsum(self.counts[mixed])
+            cum = np.cumsum(counts[mixed])
             cuts = np.searchsorted(cum, cum[-1] * np.arange(1, self.threads) / self.threads)
             bounds = [0, *np.maximum.accumulate(cuts).tolist(), mixed.size]
         ranges = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
@@ -342,7 +377,7 @@ class PagedStore:
         keys = np.asarray(keys, dtype=np.int32)
         buckets = (keys >> 16).astype(np.int64) + _OFFSET
         lows = keys.astype(np.int64) & 0xFFFF
-        below = np.concatenate(([0], np.cumsum(self.counts)))
+        below = np.concatenate(([0], np.cumsum(self._counts_settled())))
         out = below[buckets]
         pages: dict[int, np.ndarray] = {}
         for i, (b, lo) in enumerate(zip(buckets.tolist(), lows.tolist(), strict=True)):
@@ -360,7 +395,7 @@ class PagedStore:
         """All stored keys, ascending: (M,) int32 (to hand over to the sort-based path)."""
         sparse, sparse_starts = self._settle()
         parts = []
-        for b in np.flatnonzero(self.counts).tolist():
+        for b in np.flatnonzero(self._counts_settled()).tolist():
             p = int(self.page_of[b])
             if p >= 0:
                 row = self._page(p)

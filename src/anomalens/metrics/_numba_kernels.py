@@ -18,12 +18,13 @@ import numpy as np
 from numba import njit
 
 __all__ = [
-    "count",
+    "count_keys",
     "distinct",
     "fold_pending",
     "group",
     "metrics",
     "numba",
+    "page_totals",
     "rows",
     "scatter",
     "settle_sparse",
@@ -39,30 +40,6 @@ def _key(v: Any, from_float: bool) -> Any:  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def count(
-    values: Any, start: int, stop: int, from_float: bool, out: Any
-) -> Any:  # pragma: no cover
-    """Add the bucket of every value in ``values[start:stop]`` to ``out`` (65536,) int64.
-
-    Returns the smallest and largest key and the number of NaN bit patterns (only looked
-    for when ``from_float``: ``values`` are float32 bits; else int32 order keys).
-    """
-    lo = np.int64(2**31 - 1)
-    hi = np.int64(-(2**31))
-    nan = 0
-    for i in range(start, stop):
-        v = values[i]
-        if from_float and (v & 0x7FFFFFFF) > 0x7F800000:
-            nan += 1
-            continue
-        k = _key(v, from_float)
-        out[(k >> 16) + 32768] += 1
-        lo = min(lo, k)
-        hi = max(hi, k)
-    return lo, hi, nan
-
-
-@njit(cache=True, nogil=True)
 def scatter(
     values: Any,
     start: int,
@@ -71,18 +48,21 @@ def scatter(
     t: int,
     page_of: Any,
     sparse_out: Any,
-    sparse_at: int,
     pending: Any,
     pending_n: Any,
     hist: Any,
-) -> None:  # pragma: no cover - compiled
-    """Store ``values[start:stop]`` in thread t's pages (or ``sparse_out`` from ``sparse_at``).
+) -> int:  # pragma: no cover - compiled
+    """Store ``values[start:stop]`` in thread t's pages, or in ``sparse_out``.
 
     A paged key's low part goes to the page's pending buffer; a full buffer is folded into
     the page's histogram at once (65536 increments into one 256 KiB page stay in cache).
+    Nothing else is touched per key (bucket counts come from the pages and the sparse keys).
+
+    Returns:
+        The number of keys written to ``sparse_out`` (which holds ``stop - start``).
     """
     cap = pending.shape[2]
-    s = sparse_at
+    s = 0
     for i in range(start, stop):
         k = _key(values[i], from_float)
         p = page_of[(k >> 16) + 32768]
@@ -98,6 +78,26 @@ def scatter(
                 hist[p, t, pending[p, t, j]] += 1
             c = 0
         pending_n[t, p] = c
+    return s
+
+
+@njit(cache=True, nogil=True)
+def count_keys(keys: Any, counts: Any) -> None:  # pragma: no cover - compiled
+    """Add the bucket of every int32 key to ``counts`` (65536,) int64."""
+    for i in range(keys.size):
+        counts[(keys[i] >> 16) + 32768] += 1
+
+
+@njit(cache=True, nogil=True)
+def page_totals(hist: Any, pending_n: Any, out: Any) -> None:  # pragma: no cover - compiled
+    """Pixels held by every page (its histograms over all threads plus its pending ones)."""
+    for p in range(out.size):
+        total = 0
+        for t in range(hist.shape[1]):
+            total += pending_n[t, p]
+            for low in range(65536):
+                total += hist[p, t, low]
+        out[p] = total
 
 
 @njit(cache=True, nogil=True)

@@ -326,15 +326,8 @@ class PixelMetricAccumulator:
         maps, masks = _as_batch(maps, masks)
         if maps.size == 0:
             return
-        counted = None
-        if self._paged(maps.dtype):  # the count pass also finds min, max and NaN
-            assert isinstance(self._buckets, PagedStore)
-            counted = self._buckets.count(maps.reshape(-1))
-            lo, hi, has_nan = counted.lo, counted.hi, counted.nan > 0
-        else:
-            lo, hi = maps.min(), maps.max()
-            has_nan = bool(np.isnan(lo) or np.isnan(hi))
-        if has_nan:
+        lo, hi = maps.min(), maps.max()
+        if np.isnan(lo) or np.isnan(hi):
             raise ValueError("maps contain NaN; replace them before computing metrics")
         self._min = lo if self._min is None else min(self._min, lo)
         self._max = hi if self._max is None else max(self._max, hi)
@@ -345,8 +338,8 @@ class PixelMetricAccumulator:
         if self.mode == "exact":
             self._set_engine("bucket" if self._bucket_dtype(maps.dtype) else "sort")
             if self._engine == "bucket":  # all pixels; compute subtracts the anomalous ones
-                if counted is not None and isinstance(self._buckets, PagedStore):
-                    self._buckets.add_scores(counted)
+                if isinstance(self._buckets, PagedStore) and self._paged(maps.dtype):
+                    self._buckets.add_scores(flat)  # the keys are made on the fly
                 else:
                     self._buckets.add(flat.view(np.int32) if lo > 0 else order_keys(flat))
             else:
