@@ -233,7 +233,7 @@ class PagedStore:
         self._add(np.ascontiguousarray(keys, dtype=np.int32), False)
 
     def _add(self, values: np.ndarray, from_float: bool) -> None:
-        """One pass per thread share: count buckets, store paged keys, collect sparse ones.
+        """One pass per thread share: paged keys to their pages, the others collected sparse.
 
         Buckets that reach ``page_min`` pixels get pages after the batch (their earlier
         pixels stay sparse until ``compute`` folds them in), while the pages fit in
@@ -276,7 +276,7 @@ class PagedStore:
     def _promote(self) -> None:
         """Give pages to the buckets that have reached ``page_min`` pixels (within budget)."""
         promote = np.flatnonzero((self.page_of < 0) & (self.sparse_counts >= self.page_min))
-        room = self.page_budget // self.page_bytes - self.n_pages
+        room = max(0, self.page_budget // self.page_bytes - self.n_pages)
         if promote.size > room:  # the densest buckets first
             dense = np.argsort(-self.sparse_counts[promote], kind="stable")[:room]
             promote = np.sort(promote[dense])
