@@ -582,7 +582,10 @@ def adaptclip_heads(
     if memory is not None:
         pq = adapters.prompt_query(patch_tokens, memory, grid_size)
         b, num, c, h, w = pq["map_logits"].shape
-        probs = pq["map_logits"].reshape(b * num, c, h, w).softmax(dim=1)
+        # softmax before merging (b, num): the reshape -> transpose -> reshape chain it would
+        # otherwise end is taken by OpenVINO for a channel shuffle, whose fusion pass fails on a
+        # dynamic batch axis; the values are the same
+        probs = pq["map_logits"].softmax(dim=2).reshape(b * num, c, h, w)
         pq_heads = PromptQueryHeads(
             logits=pq["logits"],
             maps=upsample(probs, image_size).reshape(b, num, c, image_size, image_size),
