@@ -423,6 +423,33 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
     return "; ".join(d for d in diffs if d) or "unknown"
 
 
+def _resume_run(
+    out: Path,
+    settings: dict[str, Any],
+    thr: Threshold,
+    resume: bool,
+    meta: dict[str, Any],
+    image_paths: Sequence[Path],
+    names: Sequence[str],
+    *,
+    save_overlays: bool,
+    save_masks: bool,
+) -> dict[str, dict[str, Any]]:
+    """:func:`_resume` for a run over ``image_paths`` (output ``names``): rows written with
+    another threshold are re-judged into the same output files."""
+    key_names = {display_path(p): n for p, n in zip(image_paths, names, strict=True)}
+    return _resume(
+        out,
+        settings,
+        thr,
+        resume,
+        meta,
+        lambda rows: _rejudge(
+            rows, thr, out, key_names, save_overlays=save_overlays, save_masks=save_masks
+        ),
+    )
+
+
 def _resume(
     out: Path,
     settings: dict[str, Any],
@@ -767,17 +794,10 @@ def run_predict(
         precomputed, thr, meta["scored_batch"] = _score_whole_batch(detector, image_paths, thr)
     assert thr is not None  # only batch methods leave it to the batch
     settings = _settings_key(detector, image_paths)
-    key_names = {display_path(p): n for p, n in zip(image_paths, names)}
-    done = _resume(
-        out,
-        settings,
-        thr,
-        resume,
-        meta,
-        lambda rows: _rejudge(
-            rows, thr, out, key_names, save_overlays=save_overlays, save_masks=save_masks
-        ),
-    )
+    done = _resume_run(
+        out, settings, thr, resume, meta, image_paths, names,
+        save_overlays=save_overlays, save_masks=save_masks,
+    )  # fmt: skip
     todo = [(p, n) for p, n in zip(image_paths, names) if display_path(p) not in done]
     shards = _open_parquet(out, done, parquet_rows)
     _score_and_write(

@@ -56,8 +56,7 @@ from anomalens.pipeline import (
     _fit,
     _group_spec,
     _open_parquet,
-    _rejudge,
-    _resume,
+    _resume_run,
     _run_meta,
     _set_threshold,
     _settings_key,
@@ -400,17 +399,10 @@ def _open_group(
     meta = _run_meta(paths, list(normals), command, config)
     meta["engine"] = {"name": "ray", **asdict(options)}
     out.mkdir(parents=True, exist_ok=True)
-    key_names = {display_path(p): n for p, n in zip(paths, names)}
-    done = _resume(
-        out,
-        settings,
-        thr,
-        resume,
-        meta,
-        lambda rows: _rejudge(
-            rows, thr, out, key_names, save_overlays=save_overlays, save_masks=save_masks
-        ),
-    )
+    done = _resume_run(
+        out, settings, thr, resume, meta, paths, names,
+        save_overlays=save_overlays, save_masks=save_masks,
+    )  # fmt: skip
     for sub in ("overlays", "masks", *(["maps"] if save_overlays or save_masks else [])):
         (out / sub).mkdir(exist_ok=True)
     return _Group(

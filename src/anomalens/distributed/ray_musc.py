@@ -45,7 +45,7 @@ from anomalens.distributed.musc_shards import (
     write_jobs,
 )
 from anomalens.distributed.ray_predict import RayOptions, _connect, _load_detector, _model_bytes
-from anomalens.pipeline import _rejudge, _resume, batch_threshold, display_path
+from anomalens.pipeline import _resume_run, batch_threshold
 from anomalens.thresholds import Threshold
 
 __all__ = ["predict_musc_on_ray"]
@@ -187,23 +187,10 @@ def predict_musc_on_ray(
             if thr is None:
                 thr = batch_threshold(scored.scores, pixels=scored.pixels)
             meta["scored_batch"] = scored.batch
-            key_names = {display_path(p): n for p, n in zip(image_paths, names)}
-            final = thr
-            done = _resume(
-                out,
-                settings,
-                final,
-                resume,
-                meta,
-                lambda rows: _rejudge(
-                    rows,
-                    final,
-                    out,
-                    key_names,
-                    save_overlays=save_overlays,
-                    save_masks=save_masks,
-                ),
-            )
+            done = _resume_run(
+                out, settings, thr, resume, meta, image_paths, names,
+                save_overlays=save_overlays, save_masks=save_masks,
+            )  # fmt: skip
             jobs = write_jobs(
                 scored,
                 image_paths,

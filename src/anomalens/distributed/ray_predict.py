@@ -43,8 +43,7 @@ from anomalens.pipeline import (
     _groups_of,
     _judge_and_write,
     _open_parquet,
-    _rejudge,
-    _resume,
+    _resume_run,
     _run_meta,
     _save_map,
     _set_threshold,
@@ -330,17 +329,10 @@ def run_predict_ray(
         )
     if thr is None:
         raise ValueError("no threshold could be set for the run")
-    key_names = {display_path(p): n for p, n in zip(image_paths, names)}
-    done = _resume(
-        out,
-        settings,
-        thr,
-        resume,
-        meta,
-        lambda rows: _rejudge(
-            rows, thr, out, key_names, save_overlays=save_overlays, save_masks=save_masks
-        ),
-    )
+    done = _resume_run(
+        out, settings, thr, resume, meta, image_paths, names,
+        save_overlays=save_overlays, save_masks=save_masks,
+    )  # fmt: skip
     todo = [(p, n) for p, n in zip(image_paths, names) if display_path(p) not in done]
     shards = _open_parquet(out, done, parquet_rows)
     if todo:
