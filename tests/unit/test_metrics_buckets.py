@@ -253,16 +253,29 @@ def test_fused_metrics_equal_the_reference_curves(fpr_limit: float) -> None:
 
 
 @needs_numba
-def test_paged_store_widens_counts_before_uint32_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("anomalens.metrics._kernels._U32_LIMIT", 1000)
-    store = PagedStore(page_min=1)
-    keys = order_keys(np.full(600, 0.5, np.float32))
-    store.add(keys)
-    assert store.hist.dtype == np.uint32
-    store.add(keys)  # 1200 > the (patched) limit: one value's count could overflow
-    assert store.hist.dtype == np.uint64
-    rows = store.rows(keys[:1], np.ones(1))
-    assert rows.neg_eq.tolist() == [1199] and rows.n_neg == 1199
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_paged_store_counts_past_uint16(threads: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uint16 page bins that wrap carry into ``wraps``: every read path sees exact counts."""
+    monkeypatch.setenv("ANOMALENS_METRIC_THREADS", threads)
+    store = PagedStore(page_min=1, pending=1000)
+    half = order_keys(np.full(70_000, 0.5, np.float32))
+    other = order_keys(np.float32(0.5) + np.arange(1, 3001, dtype=np.float32) * 1e-7)
+    store.add(half)  # counted first: paged at once, folded in full pending buffers
+    store.add(np.concatenate([other, half, half]))  # 210,000 of one value in all
+    keys = np.concatenate([half, half, half, other])
+    rows = store.rows(half[:1], np.ones(1))
+    assert rows.neg_eq.tolist() == [209_999] and rows.n_neg == keys.size - 1
+    assert store.wrapped.any() and store.n_pages >= 1
+    assert store.nbytes >= int(store.wrapped.sum()) * 65536 * 4
+    np.testing.assert_array_equal(store.keys(), np.sort(keys))
+    probe = np.unique(np.concatenate([half[:1], other[::500]]))
+    np.testing.assert_array_equal(
+        store.count_le(probe), np.searchsorted(np.sort(keys), probe, side="right")
+    )
+    assert store.counts.sum() == keys.size
+    # pages grown after a wrap keep the carried counts
+    store._grow(store.hist.shape[0] + 1)
+    assert store.rows(half[:1], np.ones(1)).neg_eq.tolist() == [209_999]
 
 
 def test_nan_maps_are_refused_before_anything_is_stored() -> None:

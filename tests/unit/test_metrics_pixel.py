@@ -163,6 +163,48 @@ def test_label_regions_8_connected_per_image() -> None:
     assert labels[1, 0, 0] not in (labels[0, 0, 0], labels[0, 4, 4])
 
 
+def _label_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    spiral = np.zeros((1, 9, 9), dtype=bool)  # one region that merges many provisional labels
+    spiral[0, ::2, :] = True
+    spiral[0, :, 0] = True
+    spiral[0, 1::4, -1] = True
+    spiral[0, 3::4, 4] = True
+    vee = np.zeros((1, 4, 7), dtype=bool)  # two arms met only on the last row
+    vee[0, [0, 1, 2, 3, 2, 1, 0], np.arange(7)] = True
+    return {
+        "noise": rng.random((7, 23, 31)) < 0.45,  # many regions, diagonal joins, borders
+        "sparse_dots": rng.random((5, 40, 17)) < 0.05,
+        "checker": (np.indices((2, 12, 12)).sum(axis=0) % 2).astype(bool),
+        "full_and_empty": np.stack([np.ones((9, 9), bool), np.zeros((9, 9), bool)]),
+        "spiral": spiral,
+        "vee": vee,
+        "one_image": rng.random((1, 30, 30)) < 0.5,
+        "one_column": rng.random((3, 25, 1)) < 0.6,
+    }
+
+
+@pytest.mark.parametrize("case", list(_label_cases()))
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_compiled_labelling_equals_scipy(case: str, workers: int) -> None:
+    """``_kernels.label_masked`` gives the scipy reference's arrays, numbering included."""
+    from anomalens.metrics import _kernels, pixel
+
+    if not _kernels.available():
+        pytest.skip("numba is not installed")
+    masks = _label_cases()[case]
+    maps = np.random.default_rng(3).random(masks.shape).astype(np.float32)
+    want = pixel._anomalous_pixels(maps, masks)
+    got = _kernels.label_masked(maps, masks, workers=workers)
+    for g, w, name in zip(got, want, ("scores", "regions", "sizes"), strict=True):
+        assert g is not None and w is not None
+        np.testing.assert_array_equal(g, w, err_msg=name)
+    if masks.any():  # the numbering is that of scipy.ndimage.label, image by image
+        labels, n = label_regions(masks)
+        assert got[2].size == n
+        np.testing.assert_array_equal(got[1], labels[masks] - 1)
+
+
 def test_streaming_equals_one_shot_exact() -> None:
     rng = np.random.default_rng(2)
     maps, masks = make_case(rng, n=9, size=16, levels=8)

@@ -7,15 +7,21 @@ value seen, at O(1) work per pixel and with no comparison sort:
 * A pixel's int32 *order key* (``_buckets.order_keys``: same order and equality as the
   floats) splits into a *bucket* (high 16 bits) and a *low part* (low 16 bits).
 * A bucket that has received at least ``PAGE_MIN`` pixels owns a *page* per thread: a
-  65536-bin histogram of its low parts (uint32 counts, widened to uint64 before any count
-  could overflow). A paged pixel's low part is first appended to its page's *pending*
-  buffer, and a full buffer (``PENDING`` low parts) is folded into the histogram at once:
-  65536 increments into one 256 KiB page stay in the CPU cache, whereas incrementing the
-  histogram once per pixel misses the cache nearly every time (~11-15 ns per pixel here,
-  against ~2 ns this way).
+  65536-bin histogram of its low parts. Counts are uint16; a bin that wraps to 0 adds one
+  to the same bin of a uint32 *wraps* page (units of 65536), which is allocated lazily
+  zeroed and read only for the pages flagged as wrapped, so it costs nothing until a single
+  value is seen 65536 times by one thread. A paged pixel's low part is first appended to its
+  page's *pending* buffer, and a full buffer (``PENDING`` low parts) is folded into the
+  histogram at once: 65536 increments into one 128 KiB page stay in the CPU cache, whereas
+  incrementing the histogram once per pixel misses the cache nearly every time (~11-15 ns
+  per pixel here, against ~1 ns this way).
 * Pixels of a bucket with fewer pixels are kept as raw int32 keys (*sparse*, 4 bytes per
   pixel), so scores spread thinly over many exponents never allocate pages; at ``compute``
   they are grouped by bucket (counting sort) and those of buckets paged meanwhile folded in.
+  So that the dense buckets do not start sparse, the first batch (and any batch after one
+  that left more than 1/16 of its pixels sparse) is counted per bucket first (~0.5 ns per
+  pixel) and the buckets that this batch brings to ``PAGE_MIN`` get pages before it is
+  stored.
 
 Each batch is split into T contiguous shares, one per thread (``ANOMALENS_METRIC_THREADS``,
 default: the CPU count); thread t only writes its own pages and pending buffers, so no
@@ -27,9 +33,10 @@ bucket's all-pixel counts from its pages or sparse keys, and emits one row per d
 anomalous key with the exact normal counts below and equal: linear time, buckets split over
 the threads. The result is identical to the numpy ``BucketStore`` and to the sort path.
 
-Memory: T x (256 KiB histogram + 128 KiB pending) per paged bucket, at most ``PAGE_BUDGET``
-(2 GiB; further buckets stay sparse), plus 4 bytes per sparse pixel. The page arrays are
-allocated without numpy's huge-page advice (see :func:`_no_hugepages`). Without numba (or with ``ANOMALENS_NO_NUMBA=1``) the numpy ``BucketStore`` is used:
+Memory: T x (128 KiB histogram + 128 KiB pending) per paged bucket, at most ``PAGE_BUDGET``
+(2 GiB; further buckets stay sparse), plus 4 bytes per sparse pixel (and 256 KiB per page
+and thread that wrapped). The page arrays are
+allocated without numpy's huge-page advice (see :func:`no_hugepages`). Without numba (or with ``ANOMALENS_NO_NUMBA=1``) the numpy ``BucketStore`` is used:
 same results, 2 bytes per pixel, several times slower.
 """
 
@@ -39,17 +46,30 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from anomalens.metrics._buckets import NUM_BUCKETS, ExactRows, GrowingArray
 
-__all__ = ["PAGE_BUDGET", "PAGE_MIN", "PENDING", "PagedStore", "available", "compiled", "threads"]
+__all__ = [
+    "PAGE_BUDGET",
+    "PAGE_MIN",
+    "PENDING",
+    "PagedStore",
+    "available",
+    "compiled",
+    "label_masked",
+    "no_hugepages",
+    "parallel",
+    "shares",
+    "threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +78,11 @@ PAGE_MIN = 1 << 16  # pixels a bucket needs before it gets its pages
 PENDING = 1 << 16  # low parts buffered per page and thread before they are folded
 PAGE_BUDGET = 2 << 30  # bytes of pages at most (then further buckets stay sparse)
 _FIRST_PAGES = 256  # page capacity of the first allocation
-_U32_LIMIT = (1 << 32) - 1
+_PRECOUNT_AFTER = 1 / 16  # count the next batch first if this share of a batch went sparse
 
 
 @contextlib.contextmanager
-def _no_hugepages() -> Iterator[None]:
+def no_hugepages() -> Iterator[None]:
     """Allocate without numpy's transparent-huge-page advice.
 
     numpy advises huge pages for arrays of 4 MiB and more; where the kernel then compacts
@@ -129,7 +149,7 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="anomalens-metrics")
 
 
-def _parallel(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+def parallel(calls: Sequence[Callable[[], Any]]) -> list[Any]:
     """Run the calls (GIL-free kernels) on the pool; the first one on this thread."""
     if len(calls) == 1:
         return [calls[0]()]
@@ -138,10 +158,24 @@ def _parallel(calls: Sequence[Callable[[], Any]]) -> list[Any]:
     return [first, *(f.result() for f in futures)]
 
 
-def _shares(n: int, parts: int) -> list[tuple[int, int]]:
+def shares(n: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous (start, stop) shares of range(n)."""
     step = -(-n // parts)
     return [(min(n, t * step), min(n, (t + 1) * step)) for t in range(parts)]
+
+
+class _Mixed(NamedTuple):
+    """The anomalous pixels grouped by bucket, and the buckets that hold them."""
+
+    sparse: np.ndarray  # sparse keys of unpaged buckets, grouped by bucket
+    sparse_starts: np.ndarray  # (65537,)
+    keys: np.ndarray  # anomalous keys grouped by bucket
+    weight: np.ndarray  # their weights, in the same order
+    starts: np.ndarray  # (65537,)
+    per_bucket: np.ndarray  # anomalous pixels per bucket (65536,)
+    below: np.ndarray  # (65537,) normal pixels in the buckets before each
+    mixed: np.ndarray  # the buckets with anomalous pixels, ascending
+    ranges: list[tuple[int, int]]  # one range of ``mixed`` per thread
 
 
 class PagedStore:
@@ -177,12 +211,15 @@ class PagedStore:
         self._counts: np.ndarray | None = None  # all keys per bucket (at settle)
         self.page_of = np.full(NUM_BUCKETS, -1, dtype=np.int32)
         self.n_pages = 0
-        self.hist = np.zeros((0, t, NUM_BUCKETS), dtype=np.uint32)
+        self.hist = np.zeros((0, t, NUM_BUCKETS), dtype=np.uint16)
+        self.wraps = np.zeros((0, t, NUM_BUCKETS), dtype=np.uint32)  # see the module doc
+        self.wrapped = np.zeros((0, t), dtype=np.bool_)
         self.pending = np.zeros((0, t, int(pending)), dtype=np.uint16)
         self.pending_n = np.zeros((t, 0), dtype=np.int64)  # (thread, page): no false sharing
         self.sparse = GrowingArray(np.int32)
         self._grouped: tuple[np.ndarray, np.ndarray] | None = None  # sparse keys by bucket
         self._buffers: list[np.ndarray] = []
+        self._precount = True  # count the next batch per bucket before storing it
 
     @property
     def size(self) -> int:
@@ -199,7 +236,8 @@ class PagedStore:
         """Bytes held (pages, pending buffers, sparse keys, tables)."""
         arrays = (self.sparse_counts, self.page_of, self.hist, self.pending, self.pending_n)
         grouped = self._grouped[1].nbytes if self._grouped else 0
-        return int(sum(a.nbytes for a in arrays) + self.sparse.data.nbytes + grouped)
+        wrapped = int(self.wrapped.sum()) * NUM_BUCKETS * self.wraps.itemsize  # pages touched
+        return int(sum(a.nbytes for a in arrays) + self.sparse.data.nbytes + grouped + wrapped)
 
     @property
     def page_bytes(self) -> int:
@@ -208,19 +246,38 @@ class PagedStore:
 
     def _grow(self, n_pages: int) -> None:
         """Room for ``n_pages`` pages: fresh zeroed arrays (the OS zeroes pages lazily, on
-        first touch) with the old pages copied in, capacity doubling."""
+        first touch) with the used pages copied in, capacity doubling."""
         cap, t, _ = self.hist.shape
         if n_pages <= cap:
             return
         new_cap = max(n_pages, 2 * cap, _FIRST_PAGES)
-        with _no_hugepages():
-            hist = np.zeros((new_cap, t, NUM_BUCKETS), dtype=self.hist.dtype)
+        used = self.n_pages
+        with no_hugepages():
+            hist = np.zeros((new_cap, t, NUM_BUCKETS), dtype=np.uint16)
+            wraps = np.zeros((new_cap, t, NUM_BUCKETS), dtype=np.uint32)
             pending = np.zeros((new_cap, t, self.pending.shape[2]), dtype=np.uint16)
-        hist[:cap] = self.hist
-        pending[:cap] = self.pending
+        hist[:used] = self.hist[:used]
+        for p, th in zip(*np.nonzero(self.wrapped[:used]), strict=True):
+            wraps[p, th] = self.wraps[p, th]  # only wrapped pages were ever touched
+        pending[:used] = self.pending[:used]
+        wrapped = np.zeros((new_cap, t), dtype=np.bool_)
+        wrapped[:used] = self.wrapped[:used]
         pending_n = np.zeros((t, new_cap), dtype=np.int64)
-        pending_n[:, :cap] = self.pending_n
-        self.hist, self.pending, self.pending_n = hist, pending, pending_n
+        pending_n[:, :used] = self.pending_n[:, :used]
+        self.hist, self.wraps, self.wrapped = hist, wraps, wrapped
+        self.pending, self.pending_n = pending, pending_n
+
+    @property
+    def _pages(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hist, wraps, wrapped), with one empty page when there is none (for the kernels)."""
+        if self.n_pages:
+            return self.hist, self.wraps, self.wrapped
+        t = self.threads
+        return (
+            np.zeros((1, t, NUM_BUCKETS), np.uint16),
+            np.zeros((1, t, NUM_BUCKETS), np.uint32),
+            np.zeros((1, t), np.bool_),
+        )
 
     # ------------------------------------------------------------------ add
     def add_scores(self, scores: np.ndarray) -> None:
@@ -241,19 +298,20 @@ class PagedStore:
         """
         if values.size == 0:
             return
-        if self.hist.dtype == np.uint32 and self.size + values.size > _U32_LIMIT:
-            self.hist = self.hist.astype(np.uint64)  # a single value could pass 2**32 - 1
-        shares = _shares(values.size, self.threads)
-        sparse = self._scratch([b - a for a, b in shares])
-        state = (self.pending, self.pending_n, self.hist)
+        parts = shares(values.size, self.threads)
+        if self._precount:
+            self._promote(self._count(values, from_float, parts))
+        sparse = self._scratch([b - a for a, b in parts])
+        state = (self.pending, self.pending_n, self.hist, self.wraps, self.wrapped)
 
         def scatter(t: int, a: int, b: int) -> int:
             k = self._k
             return int(k.scatter(values, a, b, from_float, t, self.page_of, sparse[t], *state))
 
-        written = _parallel(
-            [functools.partial(scatter, t, a, b) for t, (a, b) in enumerate(shares)]
-        )
+        written = parallel([functools.partial(scatter, t, a, b) for t, (a, b) in enumerate(parts)])
+        n_sparse = sum(written)
+        room = self.n_pages < self.page_budget // self.page_bytes
+        self._precount = room and n_sparse > _PRECOUNT_AFTER * values.size
         self.n_keys += values.size
         self._counts = None
         kept = [part[:n] for part, n in zip(sparse, written, strict=True) if n]
@@ -269,16 +327,35 @@ class PagedStore:
         if len(self._buffers) != len(sizes) or any(
             buf.size < n for buf, n in zip(self._buffers, sizes, strict=True)
         ):
-            with _no_hugepages():
+            with no_hugepages():
                 self._buffers = [np.empty(n, dtype=np.int32) for n in sizes]
         return [buf[:n] for buf, n in zip(self._buffers, sizes, strict=True)]
 
-    def _promote(self) -> None:
-        """Give pages to the buckets that have reached ``page_min`` pixels (within budget)."""
-        promote = np.flatnonzero((self.page_of < 0) & (self.sparse_counts >= self.page_min))
+    def _count(
+        self, values: np.ndarray, from_float: bool, parts: list[tuple[int, int]]
+    ) -> np.ndarray:
+        """Keys per bucket of a batch: (65536,) int64."""
+        counts = [np.zeros(NUM_BUCKETS, dtype=np.int64) for _ in parts]
+        k = self._k
+        parallel(
+            [
+                functools.partial(k.count_buckets, values, a, b, from_float, counts[t])
+                for t, (a, b) in enumerate(parts)
+            ]
+        )
+        return functools.reduce(np.add, counts)
+
+    def _promote(self, coming: np.ndarray | None = None) -> None:
+        """Give pages to the buckets that have reached ``page_min`` pixels (within budget).
+
+        Args:
+            coming: keys per bucket of a batch about to be stored, counted in.
+        """
+        seen = self.sparse_counts if coming is None else self.sparse_counts + coming
+        promote = np.flatnonzero((self.page_of < 0) & (seen >= self.page_min))
         room = max(0, self.page_budget // self.page_bytes - self.n_pages)
         if promote.size > room:  # the densest buckets first
-            dense = np.argsort(-self.sparse_counts[promote], kind="stable")[:room]
+            dense = np.argsort(-seen[promote], kind="stable")[:room]
             promote = np.sort(promote[dense])
         if promote.size <= 0:
             return
@@ -288,26 +365,42 @@ class PagedStore:
 
     # -------------------------------------------------------------- compute
     def _settle(self) -> tuple[np.ndarray, np.ndarray]:
-        """Fold pending buffers and paged sparse keys; group the other sparse keys by bucket."""
-        if self.n_pages and self.pending_n.any():
-            k = self._k
-            _parallel(
-                [
-                    functools.partial(k.fold_pending, self.pending, self.pending_n, self.hist, t)
-                    for t in range(self.threads)
-                ]
-            )
+        """Store the sparse keys of buckets paged meanwhile, fold the pending buffers, and
+        group the sparse keys left by bucket.
+
+        Sparse keys of paged buckets (stored before their bucket got pages) go through the
+        same ``scatter`` as new keys, on every thread: about 3 ns per key, where grouping
+        them by bucket first and folding bucket by bucket took ~15 ns per key.
+        """
+        k = self._k
+        state = (self.pending, self.pending_n, self.hist, self.wraps, self.wrapped)
         if self._grouped is None:
-            hist = self.hist if self.n_pages else np.zeros((1, 1, NUM_BUCKETS), np.uint32)
-            kept, starts = self._k.settle_sparse(self.sparse.view(), self.page_of, hist)
+            keys = self.sparse.view()
+            if self.n_pages and keys.size:
+                parts = shares(keys.size, self.threads)
+                with no_hugepages():
+                    out = [np.empty(b - a, dtype=np.int32) for a, b in parts]
+                written = parallel(
+                    [
+                        functools.partial(
+                            k.scatter, keys, a, b, False, t, self.page_of, out[t], *state
+                        )
+                        for t, (a, b) in enumerate(parts)
+                    ]
+                )
+                kept = [o[:n] for o, n in zip(out, written, strict=True)]
+                keys = np.concatenate(kept) if len(kept) > 1 else kept[0]
+            grouped, _, starts = k.group(keys, np.zeros(0))
             self.sparse = GrowingArray(np.int32)
-            self.sparse.append(kept)
+            self.sparse.append(grouped)
             self._grouped = (self.sparse.view(), starts)
+        if self.n_pages and self.pending_n.any():
+            parallel([functools.partial(k.fold_pending, *state, t) for t in range(self.threads)])
         if self._counts is None:
             counts = np.diff(self._grouped[1])  # the sparse keys left
             if self.n_pages:
                 totals = np.zeros(self.n_pages, dtype=np.int64)
-                self._k.page_totals(self.hist, self.pending_n, totals)
+                k.page_totals(self.hist, self.wraps, self.wrapped, self.pending_n, totals)
                 paged = np.flatnonzero(self.page_of >= 0)
                 counts[paged] += totals[self.page_of[paged]]
             self._counts = counts
@@ -320,15 +413,13 @@ class PagedStore:
 
     def _page(self, p: int) -> np.ndarray:
         """Counts of page p over all threads: (65536,) int64."""
-        return self.hist[p].sum(axis=0, dtype=np.int64)
+        counts = self.hist[p].sum(axis=0, dtype=np.int64)
+        for t in np.flatnonzero(self.wrapped[p]):
+            counts += self.wraps[p, t].astype(np.int64) << 16
+        return counts
 
-    def rows(self, pos_keys: np.ndarray, pos_weight: np.ndarray) -> ExactRows:
-        """Exact rows at every distinct key of the anomalous pixels.
-
-        Args:
-            pos_keys: (P,) int32 keys of the anomalous pixels (all of them also added).
-            pos_weight: (P,) float64 weight of each anomalous pixel.
-        """
+    def _mixed(self, pos_keys: np.ndarray, pos_weight: np.ndarray) -> _Mixed:
+        """Settle, group the anomalous pixels by bucket, split the mixed buckets."""
         sparse, sparse_starts = self._settle()
         keys, weight, starts = self._k.group(
             np.ascontiguousarray(pos_keys, dtype=np.int32),
@@ -338,38 +429,108 @@ class PagedStore:
         counts = self._counts_settled()
         below = np.concatenate(([0], np.cumsum(counts - per_bucket)))  # normal < bucket
         mixed = np.flatnonzero(per_bucket)
-        # split the mixed buckets over the threads by their number of pixels
+        # split the mixed buckets over the threads by their estimated cost: a pass over the
+        # 65536 bins of each, plus its anomalous pixels and sparse keys
+        sparse_n = np.where(self.page_of[mixed] < 0, counts[mixed], 0)
+        cost = np.cumsum(NUM_BUCKETS + 8 * per_bucket[mixed] + sparse_n)
         bounds = [0, 0]
         if mixed.size:
-            cum = np.cumsum(counts[mixed])
-            cuts = np.searchsorted(cum, cum[-1] * np.arange(1, self.threads) / self.threads)
+            cuts = np.searchsorted(cost, cost[-1] * np.arange(1, self.threads) / self.threads)
             bounds = [0, *np.maximum.accumulate(cuts).tolist(), mixed.size]
         ranges = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-        distinct = np.zeros(mixed.size, dtype=np.int64)
+        return _Mixed(sparse, sparse_starts, keys, weight, starts, per_bucket, below, mixed, ranges)
+
+    def rows(self, pos_keys: np.ndarray, pos_weight: np.ndarray) -> ExactRows:
+        """Exact rows at every distinct key of the anomalous pixels.
+
+        Args:
+            pos_keys: (P,) int32 keys of the anomalous pixels (all of them also added).
+            pos_weight: (P,) float64 weight of each anomalous pixel.
+        """
+        m = self._mixed(pos_keys, pos_weight)
         k = self._k
-        _parallel(
-            [functools.partial(k.distinct, keys, starts, mixed, a, b, distinct) for a, b in ranges]
+        distinct = np.zeros(m.mixed.size, dtype=np.int64)
+        parallel(
+            [
+                functools.partial(k.distinct, m.keys, m.starts, m.mixed, a, b, distinct)
+                for a, b in m.ranges
+            ]
             or [lambda: None]
         )
         offsets = np.concatenate(([0], np.cumsum(distinct)))
         j = int(offsets[-1])
-        out = (
-            np.empty(j, np.int32),
-            np.empty(j, np.int64),
-            np.empty(j, np.int64),
-            np.empty(j, np.int64),
-            np.empty(j, np.float64),
-        )
-        hist = self.hist if self.n_pages else np.zeros((1, 1, NUM_BUCKETS), np.uint32)
-        common = (below, self.page_of, hist, sparse, sparse_starts, keys, weight, starts, mixed)
-        _parallel(
-            [functools.partial(k.rows, *common, offsets, a, b, *out) for a, b in ranges]
+        with no_hugepages():
+            out = (
+                np.empty(j, np.int32),
+                np.empty(j, np.int64),
+                np.empty(j, np.int64),
+                np.empty(j, np.int64),
+                np.empty(j, np.float64),
+            )
+        common: tuple[np.ndarray, ...] = (m.below, self.page_of, *self._pages, m.sparse)
+        common = (*common, m.sparse_starts, m.keys, m.weight, m.starts, m.mixed)
+        parallel(
+            [functools.partial(k.rows, *common, offsets, a, b, *out) for a, b in m.ranges]
             or [lambda: None]
         )
         return ExactRows(
             keys=out[0], pos=out[1], neg_lt=out[2], neg_eq=out[3], weight=out[4],
-            n_neg=int(below[-1]),
+            n_neg=int(m.below[-1]),
         )  # fmt: skip
+
+    def metrics(
+        self, pos_keys: np.ndarray, pos_weight: np.ndarray, n_regions: int, limit: float
+    ) -> tuple[int, int, float, float, float, int]:
+        """The one-pass metrics of :func:`_numba_kernels.metrics` without storing the rows.
+
+        The mixed buckets are split into ranges, one per thread; each range walks its rows
+        in descending order from the state above it (anomalous pixels and weight above, the
+        share of normal pixels above) and the ranges' sums are added exactly (``math.fsum``).
+
+        Returns:
+            ``2U``, P, AP, F1-max, the AUPRO area up to ``limit`` (not yet divided) and N.
+        """
+        m = self._mixed(pos_keys, pos_weight)
+        n_neg = int(m.below[-1])
+        n_pos = int(m.keys.size)
+        if not m.ranges:
+            return 0, n_pos, 0.0, -np.inf, 0.0, n_neg
+        pos_above = np.concatenate((np.cumsum(m.per_bucket[m.mixed][::-1])[::-1], [0]))
+        bucket_w = np.add.reduceat(m.weight, m.starts[m.mixed])
+        w_above = np.concatenate((np.cumsum(bucket_w[::-1])[::-1], [0.0]))
+        out_u = np.zeros((len(m.ranges), 1), dtype=np.int64)
+        out = np.zeros((len(m.ranges), 3), dtype=np.float64)
+        calls = []
+        for i, (a, b) in enumerate(m.ranges):
+            x = (n_neg - m.below[m.mixed[b]]) / max(n_neg, 1) if b < m.mixed.size else 0.0
+            start = np.array([pos_above[b], w_above[b], x], dtype=np.float64)
+            calls.append(
+                functools.partial(
+                    self._k.bucket_metrics,
+                    m.below,
+                    self.page_of,
+                    *self._pages,
+                    m.sparse,
+                    m.sparse_starts,
+                    m.keys,
+                    m.weight,
+                    m.starts,
+                    m.mixed,
+                    a,
+                    b,
+                    start,
+                    n_neg,
+                    n_regions,
+                    float(limit),
+                    out_u[i],
+                    out[i],
+                )
+            )
+        parallel(calls)
+        twice_u = int(out_u.sum())
+        ap = math.fsum(out[:, 0].tolist()) / max(n_pos, 1)
+        area = math.fsum(out[:, 2].tolist())
+        return twice_u, n_pos, ap, float(out[:, 1].max()), area, n_neg
 
     def count_le(self, keys: np.ndarray) -> np.ndarray:
         """Stored keys ``<= k`` for every k of (T,) int32 ``keys``: (T,) int64."""
@@ -404,3 +565,65 @@ class PagedStore:
             else:
                 parts.append(np.sort(sparse[sparse_starts[b] : sparse_starts[b + 1]]))
         return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def label_masked(
+    maps: np.ndarray, masks: np.ndarray, workers: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores and regions of the anomalous pixels, compiled (``pixel._anomalous_pixels``).
+
+    Images are split over the threads; each is scanned once (union-find over two rolling
+    rows of labels, see ``_numba_kernels.label_masked``).
+
+    Args:
+        maps: (B, H, W) scores.
+        masks: (B, H, W) bool.
+        workers: threads to use (default: :func:`threads`).
+
+    Returns:
+        scores (M,) of the anomalous pixels in row-major (B, H, W) order, their region
+        index (M,) int32 in 0..n-1 (8-connected, numbered over the batch in order of each
+        region's first pixel, never across images), and the sizes (n,) int64.
+    """
+    k = compiled()
+    if k is None:  # pragma: no cover - callers check available()
+        raise RuntimeError("the compiled labelling needs numba")
+    b = masks.shape[0]
+    per_image = np.count_nonzero(masks.reshape(b, -1), axis=1)
+    offsets = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(per_image, out=offsets[1:])
+    m = int(offsets[-1])
+    scores = np.empty(m, dtype=maps.dtype)
+    region = np.empty(m, dtype=np.int32)
+    sizes = np.empty(m, dtype=np.int64)
+    n_regions = np.zeros(b, dtype=np.int64)
+    if m:
+        busy = np.flatnonzero(per_image)
+        cuts = [busy[a:z] for a, z in shares(busy.size, min(workers or threads(), busy.size))]
+        parallel(
+            [
+                functools.partial(
+                    k.label_masked,
+                    masks,
+                    maps,
+                    int(c[0]),
+                    int(c[-1]) + 1,
+                    offsets,
+                    scores,
+                    region,
+                    sizes,
+                    n_regions,
+                )
+                for c in cuts
+                if c.size
+            ]
+        )
+    base = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(n_regions, out=base[1:])
+    n = int(base[-1])
+    if n >= 2**31:  # pragma: no cover - more regions than int32 holds in one batch
+        raise ValueError(f"a batch holds {n} anomalous regions; feed smaller batches")
+    # local region numbers to batch numbers, and the sizes of image i from offsets[i] on
+    region += np.repeat(base[:-1].astype(np.int32), per_image)
+    keep = np.repeat(offsets[:-1] - base[:-1], n_regions) + np.arange(n)
+    return scores, region, sizes[keep]

@@ -18,16 +18,18 @@ import numpy as np
 from numba import njit
 
 __all__ = [
+    "bucket_metrics",
+    "count_buckets",
     "count_keys",
     "distinct",
     "fold_pending",
     "group",
+    "label_masked",
     "metrics",
     "numba",
     "page_totals",
     "rows",
     "scatter",
-    "settle_sparse",
 ]
 
 
@@ -37,6 +39,30 @@ def _key(v: Any, from_float: bool) -> Any:  # pragma: no cover - compiled
     if from_float and v < 0:
         return -(v & 0x7FFFFFFF)
     return v
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bump(
+    hist: Any, wraps: Any, wrapped: Any, p: int, t: int, low: int
+) -> None:  # pragma: no cover
+    """``hist[p, t, low] += 1`` on a uint16 page; a wrap to 0 adds one to ``wraps``.
+
+    ``wraps[p, t, low]`` counts units of 65536 (a bin's count is ``hist + 65536 * wraps``)
+    and ``wrapped[p, t]`` flags the pages that have any, so that readers skip ``wraps`` (and
+    its memory is never touched) where it is all zero.
+    """
+    x = hist[p, t, low] + 1  # numba widens the sum (to 65536 at a wrap), numpy would wrap
+    hist[p, t, low] = x
+    if x & 0xFFFF == 0:
+        wraps[p, t, low] += 1
+        wrapped[p, t] = True
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fold(pending: Any, hist: Any, wraps: Any, wrapped: Any, p: int, t: int, n: int) -> None:
+    """Fold the first n pending low parts of page p, thread t into its histogram."""
+    for j in range(n):
+        _bump(hist, wraps, wrapped, p, t, pending[p, t, j])
 
 
 @njit(cache=True, nogil=True)
@@ -51,11 +77,13 @@ def scatter(
     pending: Any,
     pending_n: Any,
     hist: Any,
+    wraps: Any,
+    wrapped: Any,
 ) -> int:  # pragma: no cover - compiled
     """Store ``values[start:stop]`` in thread t's pages, or in ``sparse_out``.
 
     A paged key's low part goes to the page's pending buffer; a full buffer is folded into
-    the page's histogram at once (65536 increments into one 256 KiB page stay in cache).
+    the page's histogram at once (65536 increments into one 128 KiB page stay in cache).
     Nothing else is touched per key (bucket counts come from the pages and the sparse keys).
 
     Returns:
@@ -74,11 +102,19 @@ def scatter(
         pending[p, t, c] = k & 0xFFFF
         c += 1
         if c == cap:
-            for j in range(cap):
-                hist[p, t, pending[p, t, j]] += 1
+            _fold(pending, hist, wraps, wrapped, p, t, cap)
             c = 0
         pending_n[t, p] = c
     return s
+
+
+@njit(cache=True, nogil=True)
+def count_buckets(
+    values: Any, start: int, stop: int, from_float: bool, counts: Any
+) -> None:  # pragma: no cover - compiled
+    """Add the bucket of every key of ``values[start:stop]`` to ``counts`` (65536,) int64."""
+    for i in range(start, stop):
+        counts[(_key(values[i], from_float) >> 16) + 32768] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -89,7 +125,9 @@ def count_keys(keys: Any, counts: Any) -> None:  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def page_totals(hist: Any, pending_n: Any, out: Any) -> None:  # pragma: no cover - compiled
+def page_totals(
+    hist: Any, wraps: Any, wrapped: Any, pending_n: Any, out: Any
+) -> None:  # pragma: no cover - compiled
     """Pixels held by every page (its histograms over all threads plus its pending ones)."""
     for p in range(out.size):
         total = 0
@@ -97,15 +135,19 @@ def page_totals(hist: Any, pending_n: Any, out: Any) -> None:  # pragma: no cove
             total += pending_n[t, p]
             for low in range(65536):
                 total += hist[p, t, low]
+            if wrapped[p, t]:
+                for low in range(65536):
+                    total += np.int64(wraps[p, t, low]) << 16
         out[p] = total
 
 
 @njit(cache=True, nogil=True)
-def fold_pending(pending: Any, pending_n: Any, hist: Any, t: int) -> None:  # pragma: no cover
+def fold_pending(
+    pending: Any, pending_n: Any, hist: Any, wraps: Any, wrapped: Any, t: int
+) -> None:  # pragma: no cover - compiled
     """Fold thread t's pending low parts into its pages."""
     for p in range(pending_n.shape[1]):
-        for j in range(pending_n[t, p]):
-            hist[p, t, pending[p, t, j]] += 1
+        _fold(pending, hist, wraps, wrapped, p, t, pending_n[t, p])
         pending_n[t, p] = 0
 
 
@@ -127,31 +169,6 @@ def group(keys: Any, weight: Any) -> Any:  # pragma: no cover - compiled
             out_weight[fill[b]] = weight[i]
         fill[b] += 1
     return out_keys, out_weight, starts
-
-
-@njit(cache=True, nogil=True)
-def settle_sparse(keys: Any, page_of: Any, hist: Any) -> Any:  # pragma: no cover - compiled
-    """Group sparse keys by bucket; fold those of paged buckets into thread 0's pages.
-
-    Folding bucket by bucket keeps each page in cache. Returns the remaining keys grouped by
-    bucket and their (65537,) starts.
-    """
-    grouped, _, starts = group(keys, np.zeros(0))
-    kept = np.empty(keys.size, np.int32)
-    kept_starts = np.zeros(65537, np.int64)
-    m = 0
-    for b in range(65536):
-        kept_starts[b] = m
-        p = page_of[b]
-        if p >= 0:
-            for i in range(starts[b], starts[b + 1]):
-                hist[p, 0, grouped[i] & 0xFFFF] += 1
-        else:
-            for i in range(starts[b], starts[b + 1]):
-                kept[m] = grouped[i]
-                m += 1
-    kept_starts[65536] = m
-    return kept[:m].copy(), kept_starts
 
 
 @njit(cache=True, nogil=True)
@@ -178,6 +195,8 @@ def rows(
     below: Any,
     page_of: Any,
     hist: Any,
+    wraps: Any,
+    wrapped: Any,
     sparse: Any,
     sparse_starts: Any,
     pos_keys: Any,
@@ -214,6 +233,9 @@ def rows(
             for t in range(nthreads):
                 for low in range(65536):
                     allc[low] += hist[p, t, low]
+                if wrapped[p, t]:
+                    for low in range(65536):
+                        allc[low] += np.int64(wraps[p, t, low]) << 16
         else:
             for i in range(sparse_starts[b], sparse_starts[b + 1]):
                 allc[sparse[i] & 0xFFFF] += 1
@@ -238,68 +260,315 @@ def rows(
             allc[low] = 0
 
 
+# state of the one-pass metrics walk (``_step``): floats and integers
+_AP, _AP_C, _F1, _AREA, _AREA_C, _CUM_W, _PRO, _X = 0, 1, 2, 3, 4, 5, 6, 7
+_U, _TPS, _OPEN = 0, 1, 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add(fs: Any, i: int, c: int, term: float) -> None:  # pragma: no cover - compiled
+    """``fs[i] += term`` with the Neumaier compensation kept in ``fs[c]``."""
+    t = fs[i] + term
+    if abs(fs[i]) >= abs(term):
+        fs[c] += (fs[i] - t) + term
+    else:
+        fs[c] += (term - t) + fs[i]
+    fs[i] = t
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _segment(
+    fs: Any, ist: Any, x0: float, x1: float, y0: float, y1: float, limit: float
+) -> bool:  # pragma: no cover - compiled
+    """Add the trapezoid x0 -> x1 of the PRO curve, clipped at the FPR ``limit``.
+
+    Returns whether the integration is still open (the limit not yet reached).
+    """
+    if x1 <= limit:
+        term = (x1 - x0) * (y0 + y1) / 2.0
+    elif x0 < limit:
+        y_at = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+        term = (limit - x0) * (y0 + y_at) / 2.0
+        ist[_OPEN] = 0
+    else:
+        ist[_OPEN] = 0
+        return False
+    _add(fs, _AREA, _AREA_C, term)
+    return ist[_OPEN] != 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _step(
+    fs: Any,
+    ist: Any,
+    p: int,
+    lt: int,
+    eq: int,
+    w: float,
+    n_neg: int,
+    n_pos: int,
+    n_regions: int,
+    limit: float,
+) -> None:  # pragma: no cover - compiled
+    """One row (a distinct anomalous score, walked in descending order) into the metrics.
+
+    The same definitions as ``_curves`` (``auroc_from_summary``, ``ap_from_summary``,
+    ``f1max_from_summary``, ``aupro_from_summary``): p anomalous pixels at the score, lt
+    and eq normal pixels below and equal, w the sum of their 1/|region|.
+    """
+    ge = n_neg - lt
+    ist[_U] += p * (2 * lt + eq)
+    ist[_TPS] += p
+    tps = ist[_TPS]
+    _add(fs, _AP, _AP_C, p * (tps / (tps + ge)))
+    fs[_F1] = max(fs[_F1], 2.0 * tps / (n_pos + tps + ge))
+    if not ist[_OPEN]:
+        return
+    fs[_CUM_W] += w
+    pro = fs[_CUM_W] / n_regions
+    x_gt = (ge - eq) / n_neg
+    x_ge = ge / n_neg
+    pro_prev = fs[_PRO]
+    # horizontal step from the previous diagonal's end to x_gt at pro_prev, then the
+    # diagonal x_gt -> x_ge (tied normal and anomalous pixels cross together)
+    if _segment(fs, ist, fs[_X], x_gt, pro_prev, pro_prev, limit):
+        _segment(fs, ist, x_gt, x_ge, pro_prev, pro, limit)
+    fs[_PRO] = pro
+    fs[_X] = x_ge
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tail(fs: Any, ist: Any, x_stop: float, limit: float) -> None:  # pragma: no cover
+    """The horizontal PRO step from the last diagonal's end to ``x_stop`` (clipped)."""
+    if ist[_OPEN] and fs[_X] < limit:
+        _add(fs, _AREA, _AREA_C, (min(x_stop, limit) - fs[_X]) * fs[_PRO])
+    fs[_X] = x_stop
+
+
 @njit(cache=True, nogil=True)
 def metrics(
     pos: Any, neg_lt: Any, neg_eq: Any, weight: Any, n_neg: int, n_regions: int, limit: float
 ) -> Any:  # pragma: no cover - compiled
     """AUROC (as 2U), AP, F1-max and the AUPRO area in one pass over ascending rows.
 
-    The same definitions as ``_curves`` (``auroc_from_summary``, ``ap_from_summary``,
-    ``f1max_from_summary``, ``aupro_from_summary``), walked in descending score order; the
-    float sums are compensated (Neumaier), so they match numpy's pairwise sums to ~1e-16.
+    Walked in descending score order (``_step``); the float sums are compensated
+    (Neumaier), so they match numpy's pairwise sums to ~1e-16.
 
     Returns:
         ``2U`` (int64), P, AP, F1-max and the AUPRO area up to ``limit`` (not yet divided).
     """
-    j_rows = pos.size
     n_pos = 0
-    for r in range(j_rows):
+    for r in range(pos.size):
         n_pos += pos[r]
-    twice_u = 0
-    tps = 0
-    ap = 0.0
-    ap_c = 0.0
-    f1 = -np.inf
-    area = 0.0
-    area_c = 0.0
-    cum_w = 0.0
-    pro_prev = 0.0
-    x_end = 0.0  # where the previous diagonal ended
-    open_ = n_regions > 0 and n_neg > 0  # still integrating the PRO curve
-    for r in range(j_rows - 1, -1, -1):
-        p = pos[r]
-        ge = n_neg - neg_lt[r]
-        twice_u += p * (2 * neg_lt[r] + neg_eq[r])
-        tps += p
-        term = p * (tps / (tps + ge))
-        t = ap + term
-        ap_c += (ap - t) + term if abs(ap) >= abs(term) else (term - t) + ap
-        ap = t
-        f1 = max(f1, 2.0 * tps / (n_pos + tps + ge))
-        if not open_:
+    fs = np.zeros(8)
+    fs[_F1] = -np.inf
+    ist = np.zeros(3, np.int64)
+    ist[_OPEN] = n_regions > 0 and n_neg > 0
+    for r in range(pos.size - 1, -1, -1):
+        _step(fs, ist, pos[r], neg_lt[r], neg_eq[r], weight[r], n_neg, n_pos, n_regions, limit)
+    _tail(fs, ist, 1.0, limit)  # last step to (1, PRO_last)
+    ap = (fs[_AP] + fs[_AP_C]) / max(n_pos, 1)
+    return ist[_U], n_pos, ap, fs[_F1], fs[_AREA] + fs[_AREA_C]
+
+
+@njit(cache=True, nogil=True)
+def bucket_metrics(
+    below: Any,
+    page_of: Any,
+    hist: Any,
+    wraps: Any,
+    wrapped: Any,
+    sparse: Any,
+    sparse_starts: Any,
+    pos_keys: Any,
+    pos_weight: Any,
+    pos_starts: Any,
+    mixed: Any,
+    q0: int,
+    q1: int,
+    start: Any,
+    n_neg: int,
+    n_regions: int,
+    limit: float,
+    out_u: Any,
+    out: Any,
+) -> None:  # pragma: no cover - compiled
+    """:func:`metrics` over the rows of the mixed buckets ``mixed[q0:q1]``, never stored.
+
+    Each bucket's rows (as in :func:`rows`) go to a 65536-row scratch and are walked in
+    descending order. The walk starts from the state above ``mixed[q1 - 1]``: ``start``
+    holds the anomalous pixels above, the sum of their weights and x (the share of normal
+    pixels above); it ends with the horizontal PRO step down to the first key of
+    ``mixed[q0]`` (to x = 1 for the lowest range). ``out_u[0]`` gets 2U of this range and
+    ``out`` the compensated AP sum, F1-max and the compensated AUPRO area.
+    """
+    nthreads = hist.shape[1]
+    cnt = np.zeros(65536, np.int64)
+    wsum = np.zeros(65536, np.float64)
+    allc = np.zeros(65536, np.int64)
+    r_pos = np.empty(65536, np.int64)
+    r_lt = np.empty(65536, np.int64)
+    r_eq = np.empty(65536, np.int64)
+    r_w = np.empty(65536, np.float64)
+    n_pos = pos_keys.size
+    fs = np.zeros(8)
+    fs[_F1] = -np.inf
+    fs[_CUM_W] = start[1]
+    fs[_PRO] = start[1] / n_regions if n_regions > 0 else 0.0
+    fs[_X] = start[2]
+    ist = np.zeros(3, np.int64)
+    ist[_TPS] = np.int64(start[0])
+    ist[_OPEN] = n_regions > 0 and n_neg > 0 and start[2] < limit
+    for q in range(q1 - 1, q0 - 1, -1):
+        b = mixed[q]
+        for i in range(pos_starts[b], pos_starts[b + 1]):
+            low = pos_keys[i] & 0xFFFF
+            cnt[low] += 1
+            wsum[low] += pos_weight[i]
+        p = page_of[b]
+        if p >= 0:
+            for t in range(nthreads):
+                for low in range(65536):
+                    allc[low] += hist[p, t, low]
+                if wrapped[p, t]:
+                    for low in range(65536):
+                        allc[low] += np.int64(wraps[p, t, low]) << 16
+        else:
+            for i in range(sparse_starts[b], sparse_starts[b + 1]):
+                allc[sparse[i] & 0xFFFF] += 1
+        run_all = below[b]
+        run_pos = 0
+        m = 0
+        for low in range(65536):
+            a = allc[low]
+            k = cnt[low]
+            if k > 0:
+                r_pos[m] = k
+                r_lt[m] = run_all - run_pos
+                r_eq[m] = a - k
+                r_w[m] = wsum[low]
+                m += 1
+                cnt[low] = 0
+                wsum[low] = 0.0
+            run_all += a
+            run_pos += k
+            allc[low] = 0
+        for r in range(m - 1, -1, -1):
+            _step(fs, ist, r_pos[r], r_lt[r], r_eq[r], r_w[r], n_neg, n_pos, n_regions, limit)
+    x_stop = 1.0 if q0 == 0 else (n_neg - below[mixed[q0]]) / max(n_neg, 1)
+    _tail(fs, ist, x_stop, limit)
+    out_u[0] = ist[_U]
+    out[0] = fs[_AP] + fs[_AP_C]
+    out[1] = fs[_F1]
+    out[2] = fs[_AREA] + fs[_AREA_C]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _root(parent: Any, x: int) -> int:  # pragma: no cover - compiled
+    """Root of x in the union-find forest ``parent`` (with path halving)."""
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _join(parent: Any, a: int, b: int) -> int:  # pragma: no cover - compiled
+    """Merge the sets of a and b under the smaller root; return that root."""
+    ra = _root(parent, a)
+    rb = _root(parent, b)
+    if ra < rb:
+        parent[rb] = ra
+        return ra
+    parent[ra] = rb
+    return rb
+
+
+@njit(cache=True, nogil=True)
+def label_masked(
+    masks: Any,
+    maps: Any,
+    i0: int,
+    i1: int,
+    offsets: Any,
+    out_scores: Any,
+    out_region: Any,
+    out_sizes: Any,
+    n_regions: Any,
+) -> None:  # pragma: no cover - compiled
+    """Anomalous pixels of images ``i0..i1-1``, with the 8-connected region of each.
+
+    One raster scan per image with union-find over provisional labels (two rolling rows of
+    labels, no label image), then a renumbering pass. Image i's masked pixels are written, in
+    row-major order, to ``out_scores`` and ``out_region`` from ``offsets[i]`` on: the score
+    and the region's index within the image (0..k-1). Regions are numbered in order of their
+    first pixel in the raster scan, as ``scipy.ndimage.label`` numbers them. The k region
+    sizes go to ``out_sizes[offsets[i]:offsets[i] + k]`` (an image has at most as many
+    regions as masked pixels) and k to ``n_regions[i]``.
+
+    Args:
+        masks: (B, H, W) bool.
+        maps: (B, H, W) scores.
+        offsets: (B + 1,) int64, the first output slot of every image.
+    """
+    h, w = masks.shape[1], masks.shape[2]
+    prev = np.zeros(w, np.int32)
+    cur = np.zeros(w, np.int32)
+    parent = np.zeros(1, np.int32)
+    final = np.zeros(1, np.int32)
+    for i in range(i0, i1):
+        j0 = offsets[i]
+        if offsets[i + 1] == j0:
+            n_regions[i] = 0
             continue
-        cum_w += weight[r]
-        pro = cum_w / n_regions
-        x_gt = (ge - neg_eq[r]) / n_neg
-        x_ge = ge / n_neg
-        # horizontal step x_end -> x_gt at pro_prev, then the diagonal x_gt -> x_ge
-        for x0, x1, y0, y1 in ((x_end, x_gt, pro_prev, pro_prev), (x_gt, x_ge, pro_prev, pro)):
-            if x1 <= limit:
-                term = (x1 - x0) * (y0 + y1) / 2.0
-            elif x0 < limit:
-                y_at = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
-                term = (limit - x0) * (y0 + y_at) / 2.0
-                open_ = False
+        limit = offsets[i + 1] - j0 + 1  # provisional labels needed at most
+        if parent.size < limit:
+            parent = np.zeros(limit, np.int32)
+            final = np.zeros(limit, np.int32)
+        prev[:] = 0
+        n_labels = 0
+        j = j0
+        for r in range(h):
+            left = 0
+            for c in range(w):
+                if not masks[i, r, c]:
+                    cur[c] = 0
+                    left = 0
+                    continue
+                lab = left
+                up = prev[c]
+                if up:
+                    lab = up if lab == 0 else (lab if lab == up else _join(parent, lab, up))
+                if c > 0 and prev[c - 1] and not up:
+                    nb = prev[c - 1]
+                    lab = nb if lab == 0 else (lab if lab == nb else _join(parent, lab, nb))
+                if c + 1 < w and prev[c + 1] and not up:
+                    nb = prev[c + 1]
+                    lab = nb if lab == 0 else (lab if lab == nb else _join(parent, lab, nb))
+                if lab == 0:
+                    n_labels += 1
+                    parent[n_labels] = n_labels
+                    lab = n_labels
+                cur[c] = lab
+                left = lab
+                out_scores[j] = maps[i, r, c]
+                out_region[j] = lab
+                j += 1
+            prev, cur = cur, prev
+        # renumber: a root is the smallest provisional label of its set, i.e. the label of
+        # the region's first pixel, so counting roots in label order numbers the regions in
+        # order of their first pixel
+        k = 0
+        for x in range(1, n_labels + 1):
+            rt = _root(parent, x)
+            if rt == x:
+                final[x] = k
+                out_sizes[j0 + k] = 0
+                k += 1
             else:
-                open_ = False
-                break
-            t = area + term
-            area_c += (area - t) + term if abs(area) >= abs(term) else (term - t) + area
-            area = t
-            if not open_:
-                break
-        pro_prev = pro
-        x_end = x_ge
-    if open_ and x_end < limit:  # last step to (1, PRO_last)
-        area += (min(1.0, limit) - x_end) * pro_prev
-    return twice_u, n_pos, (ap + ap_c) / max(n_pos, 1), f1, area + area_c
+                final[x] = final[rt]
+        for q in range(j0, j):
+            region = final[out_region[q]]
+            out_region[q] = region
+            out_sizes[j0 + region] += 1
+        n_regions[i] = k

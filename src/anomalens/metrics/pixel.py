@@ -58,7 +58,14 @@ from anomalens.metrics._curves import (
     summary_from_sorted,
     undefined,
 )
-from anomalens.metrics._kernels import PagedStore, available, compiled
+from anomalens.metrics._kernels import (
+    PagedStore,
+    available,
+    compiled,
+    label_masked,
+    no_hugepages,
+    parallel,
+)
 from anomalens.metrics.image import as_labels, as_scores
 
 __all__ = [
@@ -113,6 +120,9 @@ def _anomalous_pixels(
     maps: np.ndarray | None, masks: np.ndarray
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Scores and region sizes of the anomalous pixels, labelling each mask on its bounding box.
+
+    The compiled ``_kernels.label_masked`` gives the same arrays (same numbering) in one
+    scan; this scipy version is the reference and the path without numba.
 
     Args:
         maps: (B, H, W) scores, or None to label only.
@@ -175,6 +185,14 @@ def _sort_with_ids(values: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.
         return high.view(np.float32), out_ids
     order = np.argsort(values, kind="stable")
     return values[order], ids[order].astype(np.int64)
+
+
+def _min_max(maps: np.ndarray) -> tuple[np.generic, np.generic]:
+    """``maps.min(), maps.max()``, the two reductions on two threads (numpy frees the GIL)."""
+    if maps.size < 1 << 20:
+        return maps.min(), maps.max()
+    lo, hi = parallel([maps.min, maps.max])
+    return lo, hi
 
 
 def _is_tensor(x: object) -> bool:
@@ -276,6 +294,7 @@ class PixelMetricAccumulator:
         self._neg_keys: list[torch.Tensor] = []  # "torch": normal keys on the maps' device
         self._pos: list[Any] = []  # anomalous scores (numpy, or torch on the device)
         self._rows_cache: tuple[int, ExactRows] | None = None
+        self._fused_cache: tuple[int, tuple[int, int, float, float, float, int]] | None = None
         self._pos_region: list[np.ndarray] = []
         self._region_size: list[np.ndarray] = []
         # binned mode: grid = fine index floor((x - origin) / width); bin = (fine - F) >> d
@@ -326,14 +345,19 @@ class PixelMetricAccumulator:
         maps, masks = _as_batch(maps, masks)
         if maps.size == 0:
             return
-        lo, hi = maps.min(), maps.max()
+        lo, hi = _min_max(maps)
         if np.isnan(lo) or np.isnan(hi):
             raise ValueError("maps contain NaN; replace them before computing metrics")
         self._min = lo if self._min is None else min(self._min, lo)
         self._max = hi if self._max is None else max(self._max, hi)
         flat = maps.reshape(-1)
         mflat = masks.reshape(-1)
-        pos_scores, pos_region, sizes = _anomalous_pixels(maps, masks)
+        if available():
+            maps, masks = np.ascontiguousarray(maps), np.ascontiguousarray(masks)
+            with no_hugepages():
+                pos_scores, pos_region, sizes = label_masked(maps, masks)
+        else:
+            pos_scores, pos_region, sizes = _anomalous_pixels(maps, masks)
         assert pos_scores is not None
         if self.mode == "exact":
             self._set_engine("bucket" if self._bucket_dtype(maps.dtype) else "sort")
@@ -388,7 +412,8 @@ class PixelMetricAccumulator:
             self._engine = "sort"
 
     def _add_regions(self, pos_region: np.ndarray, sizes: np.ndarray) -> None:
-        ids = pos_region + self.num_regions
+        wide = self.num_regions + sizes.size >= 2**31
+        ids = (pos_region.astype(np.int64) if wide else pos_region) + self.num_regions
         self._pos_region.append(ids.astype(np.int32 if ids.max() < 2**31 else np.int64))
         self._region_size.append(sizes)
 
@@ -604,19 +629,30 @@ class PixelMetricAccumulator:
         weight_sum = np.add.reduceat(weight, starts)
         return neg, values, counts, weight_sum
 
-    def _exact_rows(self) -> ExactRows:
-        """Bucket and torch engines: exact counts at every distinct anomalous score (cached)."""
-        if self._rows_cache is not None and self._rows_cache[0] == self.num_pixels:
-            return self._rows_cache[1]
-        for name in ("_pos_region", "_region_size"):
+    def _anomalous(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket engine: keys (P,) int32 of the anomalous pixels and their weights 1/|R|."""
+        for name in ("_pos_region", "_region_size", "_pos"):
             chunks = getattr(self, name)
             if len(chunks) > 1:
                 setattr(self, name, [np.concatenate(chunks)])
         inv_size = 1.0 / np.concatenate([np.zeros(0), *self._region_size])
         region = self._pos_region[0] if self._pos_region else np.zeros(0, np.int64)
+        pos = self._pos[0] if self._pos else np.zeros(0, np.float32)
+        return order_keys(pos), inv_size[region]
+
+    def _exact_rows(self) -> ExactRows:
+        """Bucket and torch engines: exact counts at every distinct anomalous score (cached)."""
+        if self._rows_cache is not None and self._rows_cache[0] == self.num_pixels:
+            return self._rows_cache[1]
         if self._engine == "torch":
             import torch
 
+            for name in ("_pos_region", "_region_size"):
+                chunks = getattr(self, name)
+                if len(chunks) > 1:
+                    setattr(self, name, [np.concatenate(chunks)])
+            inv_size = 1.0 / np.concatenate([np.zeros(0), *self._region_size])
+            region = self._pos_region[0] if self._pos_region else np.zeros(0, np.int64)
             device = self._neg_keys[0].device
             pos = torch.cat(self._pos) if self._pos else torch.zeros(0, device=device)
             self._pos = [pos] if self._pos else []
@@ -624,10 +660,8 @@ class PixelMetricAccumulator:
             weight = torch.from_numpy(inv_size).to(device)[index]
             rows = torch_rows(self._neg_keys, torch_order_keys(pos), weight)
         else:
-            if len(self._pos) > 1:
-                self._pos = [np.concatenate(self._pos)]
-            pos = self._pos[0] if self._pos else np.zeros(0, np.float32)
-            rows = self._buckets.rows(order_keys(pos), inv_size[region])
+            with no_hugepages():
+                rows = self._buckets.rows(*self._anomalous())
         self._rows_cache = (self.num_pixels, rows)
         return rows
 
@@ -742,13 +776,32 @@ class PixelMetricAccumulator:
             "pixel_aupro": pro,
         }
 
+    def _fused(self, kernels: Any) -> tuple[int, int, float, float, float, int]:
+        """2U, P, AP, F1-max, AUPRO area and N in one compiled pass (cached).
+
+        The paged store walks its buckets without storing the rows; otherwise (torch
+        engine, numpy store) the cached exact rows are walked.
+        """
+        cached = self._fused_cache
+        if cached is not None and cached[0] == self.num_pixels:
+            return cached[1]
+        store = self._buckets
+        if self._engine == "bucket" and isinstance(store, PagedStore):
+            with no_hugepages():
+                keys, weight = self._anomalous()
+                out = store.metrics(keys, weight, self.num_regions, self.fpr_limit)
+        else:
+            r = self._exact_rows()
+            twice_u, n_pos, ap, f1, area = kernels.metrics(
+                r.pos, r.neg_lt, r.neg_eq, r.weight, r.n_neg, self.num_regions, self.fpr_limit
+            )
+            out = (int(twice_u), int(n_pos), float(ap), float(f1), float(area), r.n_neg)
+        self._fused_cache = (self.num_pixels, out)
+        return out
+
     def _compute_fused(self, kernels: Any) -> dict[str, float]:
-        """The four metrics from the exact rows in one compiled pass (same definitions)."""
-        r = self._exact_rows()
-        twice_u, n_pos, ap, f1, area = kernels.metrics(
-            r.pos, r.neg_lt, r.neg_eq, r.weight, r.n_neg, self.num_regions, self.fpr_limit
-        )
-        n_neg = r.n_neg
+        """The four metrics in one compiled pass (same definitions as ``_curves``)."""
+        twice_u, n_pos, ap, f1, area, n_neg = self._fused(kernels)
         reason = None  # as _curves' single-class checks
         if n_pos == 0 and n_neg == 0:
             reason = "no samples"
