@@ -232,9 +232,18 @@ def test_paged_store_pages_folds_and_sparse_keys(
     )
 
 
+@pytest.mark.parametrize("threads", ["1", "3", "7"])
 @pytest.mark.parametrize("fpr_limit", [0.02, 0.3, 1.0])
-def test_fused_metrics_equal_the_reference_curves(fpr_limit: float) -> None:
-    """The compiled one-pass metrics (default) against ``_curves`` on ~50k distinct rows."""
+def test_fused_metrics_equal_the_reference_curves(
+    fpr_limit: float, threads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled one-pass metrics (default) against ``_curves`` on ~50k distinct rows.
+
+    With several threads the buckets are walked in ranges that start from the state above
+    them (anomalous pixels, weights and normal share above); the FPR limit then falls inside
+    some range, and every range's sums are added up.
+    """
+    monkeypatch.setenv("ANOMALENS_METRIC_THREADS", threads)
     rng = np.random.default_rng(7)
     masks = rng.random((4, 200, 200)) < 0.3
     maps = (rng.normal(size=masks.shape) + masks).astype(np.float32)
@@ -250,6 +259,18 @@ def test_fused_metrics_equal_the_reference_curves(fpr_limit: float) -> None:
     assert abs(x["pixel_ap"] - ap_from_summary(s)) <= 1e-12
     assert x["pixel_auroc"] == auroc_from_summary(s)
     assert x["pixel_f1max"] == f1max_from_summary(s)
+    store = got._buckets
+    if isinstance(store, PagedStore):  # the ranges' walk against one walk over the rows
+        keys, weight = got._anomalous()
+        assert len(store._mixed(keys, weight).ranges) == min(int(threads), 7)
+        r = got._exact_rows()
+        one = store._k.metrics(
+            r.pos, r.neg_lt, r.neg_eq, r.weight, r.n_neg, got.num_regions, fpr_limit
+        )
+        ranged = store.metrics(keys, weight, got.num_regions, fpr_limit)
+        assert ranged[:2] == tuple(int(v) for v in one[:2]) and ranged[3] == one[3]
+        # float sums in another order (the weight above a range is summed per bucket)
+        assert abs(ranged[2] - one[2]) <= 1e-13 and abs(ranged[4] - one[4]) <= 1e-12
 
 
 @needs_numba
@@ -274,7 +295,7 @@ def test_paged_store_counts_past_uint16(threads: str, monkeypatch: pytest.Monkey
     )
     assert store.counts.sum() == keys.size
     # pages grown after a wrap keep the carried counts
-    store._grow(store.hist.shape[0] + 1)
+    store._grow(store.hist.shape[1] + 1)
     assert store.rows(half[:1], np.ones(1)).neg_eq.tolist() == [209_999]
 
 

@@ -77,8 +77,11 @@ _OFFSET = 1 << 15
 PAGE_MIN = 1 << 16  # pixels a bucket needs before it gets its pages
 PENDING = 1 << 16  # low parts buffered per page and thread before they are folded
 PAGE_BUDGET = 2 << 30  # bytes of pages at most (then further buckets stay sparse)
-_FIRST_PAGES = 256  # page capacity of the first allocation
-_PRECOUNT_AFTER = 1 / 16  # count the next batch first if this share of a batch went sparse
+# page capacity of the first allocation: address space only until a page is used (the OS
+# zeroes memory on first touch), and it spares copying the pages when more buckets fill up
+_FIRST_PAGES = 1024
+_PRECOUNT_AFTER = 1 / 16  # count the next batch first if a batch left this share sparse in
+# buckets that got pages right after it (the scores moved to new buckets)
 
 
 @contextlib.contextmanager
@@ -211,11 +214,12 @@ class PagedStore:
         self._counts: np.ndarray | None = None  # all keys per bucket (at settle)
         self.page_of = np.full(NUM_BUCKETS, -1, dtype=np.int32)
         self.n_pages = 0
-        self.hist = np.zeros((0, t, NUM_BUCKETS), dtype=np.uint16)
-        self.wraps = np.zeros((0, t, NUM_BUCKETS), dtype=np.uint32)  # see the module doc
-        self.wrapped = np.zeros((0, t), dtype=np.bool_)
-        self.pending = np.zeros((0, t, int(pending)), dtype=np.uint16)
-        self.pending_n = np.zeros((t, 0), dtype=np.int64)  # (thread, page): no false sharing
+        # (thread, page, ...): each thread's arrays are contiguous (``hist[t]`` etc.)
+        self.hist = np.zeros((t, 0, NUM_BUCKETS), dtype=np.uint16)
+        self.wraps = np.zeros((t, 0, NUM_BUCKETS), dtype=np.uint32)  # see the module doc
+        self.wrapped = np.zeros((t, 0), dtype=np.bool_)
+        self.pending = np.zeros((t, 0, int(pending)), dtype=np.uint16)
+        self.pending_n = np.zeros((t, 0), dtype=np.int64)
         self.sparse = GrowingArray(np.int32)
         self._grouped: tuple[np.ndarray, np.ndarray] | None = None  # sparse keys by bucket
         self._buffers: list[np.ndarray] = []
@@ -233,11 +237,17 @@ class PagedStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (pages, pending buffers, sparse keys, tables)."""
-        arrays = (self.sparse_counts, self.page_of, self.hist, self.pending, self.pending_n)
+        """Bytes in use: the pages given out (histograms, pending buffers, the wraps of
+        wrapped ones), sparse keys and tables.
+
+        Page capacity not yet given out is address space only (zeroed by the OS on first
+        touch) and is not counted; ``tracemalloc`` counts it, the resident set does not.
+        """
+        arrays = (self.sparse_counts, self.page_of, self.pending_n, self.sparse.data)
         grouped = self._grouped[1].nbytes if self._grouped else 0
-        wrapped = int(self.wrapped.sum()) * NUM_BUCKETS * self.wraps.itemsize  # pages touched
-        return int(sum(a.nbytes for a in arrays) + self.sparse.data.nbytes + grouped + wrapped)
+        wrapped = int(self.wrapped.sum()) * NUM_BUCKETS * self.wraps.itemsize
+        pages = self.n_pages * self.page_bytes
+        return int(sum(a.nbytes for a in arrays) + grouped + wrapped + pages)
 
     @property
     def page_bytes(self) -> int:
@@ -247,25 +257,29 @@ class PagedStore:
     def _grow(self, n_pages: int) -> None:
         """Room for ``n_pages`` pages: fresh zeroed arrays (the OS zeroes pages lazily, on
         first touch) with the used pages copied in, capacity doubling."""
-        cap, t, _ = self.hist.shape
+        t, cap, _ = self.hist.shape
         if n_pages <= cap:
             return
         new_cap = max(n_pages, 2 * cap, _FIRST_PAGES)
         used = self.n_pages
         with no_hugepages():
-            hist = np.zeros((new_cap, t, NUM_BUCKETS), dtype=np.uint16)
-            wraps = np.zeros((new_cap, t, NUM_BUCKETS), dtype=np.uint32)
-            pending = np.zeros((new_cap, t, self.pending.shape[2]), dtype=np.uint16)
-        hist[:used] = self.hist[:used]
-        for p, th in zip(*np.nonzero(self.wrapped[:used]), strict=True):
-            wraps[p, th] = self.wraps[p, th]  # only wrapped pages were ever touched
-        pending[:used] = self.pending[:used]
-        wrapped = np.zeros((new_cap, t), dtype=np.bool_)
-        wrapped[:used] = self.wrapped[:used]
+            hist = np.zeros((t, new_cap, NUM_BUCKETS), dtype=np.uint16)
+            wraps = np.zeros((t, new_cap, NUM_BUCKETS), dtype=np.uint32)
+            pending = np.zeros((t, new_cap, self.pending.shape[2]), dtype=np.uint16)
+        hist[:, :used] = self.hist[:, :used]
+        for th, p in zip(*np.nonzero(self.wrapped[:, :used]), strict=True):
+            wraps[th, p] = self.wraps[th, p]  # only wrapped pages were ever touched
+        pending[:, :used] = self.pending[:, :used]
+        wrapped = np.zeros((t, new_cap), dtype=np.bool_)
+        wrapped[:, :used] = self.wrapped[:, :used]
         pending_n = np.zeros((t, new_cap), dtype=np.int64)
         pending_n[:, :used] = self.pending_n[:, :used]
         self.hist, self.wraps, self.wrapped = hist, wraps, wrapped
         self.pending, self.pending_n = pending, pending_n
+
+    def _own(self, t: int) -> tuple[np.ndarray, ...]:
+        """Thread t's pending buffers and counts, pages, wraps and flags (2-D, contiguous)."""
+        return self.pending[t], self.pending_n[t], self.hist[t], self.wraps[t], self.wrapped[t]
 
     @property
     def _pages(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -274,9 +288,9 @@ class PagedStore:
             return self.hist, self.wraps, self.wrapped
         t = self.threads
         return (
-            np.zeros((1, t, NUM_BUCKETS), np.uint16),
-            np.zeros((1, t, NUM_BUCKETS), np.uint32),
-            np.zeros((1, t), np.bool_),
+            np.zeros((t, 1, NUM_BUCKETS), np.uint16),
+            np.zeros((t, 1, NUM_BUCKETS), np.uint32),
+            np.zeros((t, 1), np.bool_),
         )
 
     # ------------------------------------------------------------------ add
@@ -302,16 +316,13 @@ class PagedStore:
         if self._precount:
             self._promote(self._count(values, from_float, parts))
         sparse = self._scratch([b - a for a, b in parts])
-        state = (self.pending, self.pending_n, self.hist, self.wraps, self.wrapped)
 
         def scatter(t: int, a: int, b: int) -> int:
-            k = self._k
-            return int(k.scatter(values, a, b, from_float, t, self.page_of, sparse[t], *state))
+            return int(
+                self._k.scatter(values, a, b, from_float, self.page_of, sparse[t], *self._own(t))
+            )
 
         written = parallel([functools.partial(scatter, t, a, b) for t, (a, b) in enumerate(parts)])
-        n_sparse = sum(written)
-        room = self.n_pages < self.page_budget // self.page_bytes
-        self._precount = room and n_sparse > _PRECOUNT_AFTER * values.size
         self.n_keys += values.size
         self._counts = None
         kept = [part[:n] for part, n in zip(sparse, written, strict=True) if n]
@@ -320,7 +331,9 @@ class PagedStore:
             self._k.count_keys(new, self.sparse_counts)
             self.sparse.append(new)
             self._grouped = None
-        self._promote()
+        late = self._promote()  # sparse keys of buckets that have just got their pages
+        self._precount = late > _PRECOUNT_AFTER * values.size
+
 
     def _scratch(self, sizes: list[int]) -> list[np.ndarray]:
         """Per-thread int32 buffers for the sparse keys of a batch, reused across batches."""
@@ -345,11 +358,14 @@ class PagedStore:
         )
         return functools.reduce(np.add, counts)
 
-    def _promote(self, coming: np.ndarray | None = None) -> None:
+    def _promote(self, coming: np.ndarray | None = None) -> int:
         """Give pages to the buckets that have reached ``page_min`` pixels (within budget).
 
         Args:
             coming: keys per bucket of a batch about to be stored, counted in.
+
+        Returns:
+            The sparse keys already held by the buckets that got pages.
         """
         seen = self.sparse_counts if coming is None else self.sparse_counts + coming
         promote = np.flatnonzero((self.page_of < 0) & (seen >= self.page_min))
@@ -358,10 +374,11 @@ class PagedStore:
             dense = np.argsort(-seen[promote], kind="stable")[:room]
             promote = np.sort(promote[dense])
         if promote.size <= 0:
-            return
+            return 0
         self._grow(self.n_pages + promote.size)
         self.page_of[promote] = np.arange(self.n_pages, self.n_pages + promote.size)
         self.n_pages += promote.size
+        return int(self.sparse_counts[promote].sum())
 
     # -------------------------------------------------------------- compute
     def _settle(self) -> tuple[np.ndarray, np.ndarray]:
@@ -373,7 +390,6 @@ class PagedStore:
         them by bucket first and folding bucket by bucket took ~15 ns per key.
         """
         k = self._k
-        state = (self.pending, self.pending_n, self.hist, self.wraps, self.wrapped)
         if self._grouped is None:
             keys = self.sparse.view()
             if self.n_pages and keys.size:
@@ -383,7 +399,7 @@ class PagedStore:
                 written = parallel(
                     [
                         functools.partial(
-                            k.scatter, keys, a, b, False, t, self.page_of, out[t], *state
+                            k.scatter, keys, a, b, False, self.page_of, out[t], *self._own(t)
                         )
                         for t, (a, b) in enumerate(parts)
                     ]
@@ -395,7 +411,9 @@ class PagedStore:
             self.sparse.append(grouped)
             self._grouped = (self.sparse.view(), starts)
         if self.n_pages and self.pending_n.any():
-            parallel([functools.partial(k.fold_pending, *state, t) for t in range(self.threads)])
+            parallel(
+                [functools.partial(k.fold_pending, *self._own(t)) for t in range(self.threads)]
+            )
         if self._counts is None:
             counts = np.diff(self._grouped[1])  # the sparse keys left
             if self.n_pages:
@@ -413,9 +431,9 @@ class PagedStore:
 
     def _page(self, p: int) -> np.ndarray:
         """Counts of page p over all threads: (65536,) int64."""
-        counts = self.hist[p].sum(axis=0, dtype=np.int64)
-        for t in np.flatnonzero(self.wrapped[p]):
-            counts += self.wraps[p, t].astype(np.int64) << 16
+        counts = self.hist[:, p].sum(axis=0, dtype=np.int64)
+        for t in np.flatnonzero(self.wrapped[:, p]):
+            counts += self.wraps[t, p].astype(np.int64) << 16
         return counts
 
     def _mixed(self, pos_keys: np.ndarray, pos_weight: np.ndarray) -> _Mixed:
@@ -589,7 +607,15 @@ def label_masked(
     if k is None:  # pragma: no cover - callers check available()
         raise RuntimeError("the compiled labelling needs numba")
     b = masks.shape[0]
-    per_image = np.count_nonzero(masks.reshape(b, -1), axis=1)
+    workers = workers or threads()
+    row_counts = np.empty(masks.shape[:2], dtype=np.int64)
+    parallel(
+        [
+            functools.partial(k.count_rows, masks.view(np.uint8), i0, i1, row_counts)
+            for i0, i1 in shares(b, max(1, min(workers, b)))
+        ]
+    )
+    per_image = row_counts.sum(axis=1)
     offsets = np.zeros(b + 1, dtype=np.int64)
     np.cumsum(per_image, out=offsets[1:])
     m = int(offsets[-1])
@@ -599,13 +625,14 @@ def label_masked(
     n_regions = np.zeros(b, dtype=np.int64)
     if m:
         busy = np.flatnonzero(per_image)
-        cuts = [busy[a:z] for a, z in shares(busy.size, min(workers or threads(), busy.size))]
+        cuts = [busy[a:z] for a, z in shares(busy.size, min(workers, busy.size))]
         parallel(
             [
                 functools.partial(
                     k.label_masked,
                     masks,
                     maps,
+                    row_counts,
                     int(c[0]),
                     int(c[-1]) + 1,
                     offsets,

@@ -21,6 +21,7 @@ __all__ = [
     "bucket_metrics",
     "count_buckets",
     "count_keys",
+    "count_rows",
     "distinct",
     "fold_pending",
     "group",
@@ -36,33 +37,32 @@ __all__ = [
 @njit(cache=True, nogil=True, inline="always")
 def _key(v: Any, from_float: bool) -> Any:  # pragma: no cover - compiled
     """Order key of float32 bits ``v`` (``_buckets.order_keys``), or ``v`` itself."""
-    if from_float and v < 0:
-        return -(v & 0x7FFFFFFF)
+    if from_float:  # -(v & 0x7FFFFFFF) for negative v, v otherwise, without a branch
+        sign = v >> 31
+        return ((v & 0x7FFFFFFF) ^ sign) - sign
     return v
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _bump(
-    hist: Any, wraps: Any, wrapped: Any, p: int, t: int, low: int
-) -> None:  # pragma: no cover
-    """``hist[p, t, low] += 1`` on a uint16 page; a wrap to 0 adds one to ``wraps``.
+def _bump(hist: Any, wraps: Any, wrapped: Any, p: Any, low: Any) -> None:  # pragma: no cover
+    """``hist[p, low] += 1`` on one thread's uint16 pages; a wrap to 0 adds one to ``wraps``.
 
-    ``wraps[p, t, low]`` counts units of 65536 (a bin's count is ``hist + 65536 * wraps``)
-    and ``wrapped[p, t]`` flags the pages that have any, so that readers skip ``wraps`` (and
-    its memory is never touched) where it is all zero.
+    ``wraps[p, low]`` counts units of 65536 (a bin's count is ``hist + 65536 * wraps``) and
+    ``wrapped[p]`` flags the pages that have any, so that readers skip ``wraps`` (and its
+    memory is never touched) where it is all zero.
     """
-    x = hist[p, t, low] + 1  # numba widens the sum (to 65536 at a wrap), numpy would wrap
-    hist[p, t, low] = x
+    x = hist[p, low] + 1  # numba widens the sum (to 65536 at a wrap), numpy would wrap
+    hist[p, low] = x
     if x & 0xFFFF == 0:
-        wraps[p, t, low] += 1
-        wrapped[p, t] = True
+        wraps[p, low] += 1
+        wrapped[p] = True
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _fold(pending: Any, hist: Any, wraps: Any, wrapped: Any, p: int, t: int, n: int) -> None:
-    """Fold the first n pending low parts of page p, thread t into its histogram."""
+def _fold(pending: Any, hist: Any, wraps: Any, wrapped: Any, p: Any, n: int) -> None:
+    """Fold the first n pending low parts of page p into its histogram (one thread's)."""
     for j in range(n):
-        _bump(hist, wraps, wrapped, p, t, pending[p, t, j])
+        _bump(hist, wraps, wrapped, p, np.uint32(pending[p, j]))
 
 
 @njit(cache=True, nogil=True)
@@ -71,7 +71,6 @@ def scatter(
     start: int,
     stop: int,
     from_float: bool,
-    t: int,
     page_of: Any,
     sparse_out: Any,
     pending: Any,
@@ -80,31 +79,38 @@ def scatter(
     wraps: Any,
     wrapped: Any,
 ) -> int:  # pragma: no cover - compiled
-    """Store ``values[start:stop]`` in thread t's pages, or in ``sparse_out``.
+    """Store ``values[start:stop]`` in one thread's pages, or in ``sparse_out``.
 
     A paged key's low part goes to the page's pending buffer; a full buffer is folded into
     the page's histogram at once (65536 increments into one 128 KiB page stay in cache).
     Nothing else is touched per key (bucket counts come from the pages and the sparse keys).
+    The arrays are the thread's own (``PagedStore.hist[t]`` etc.: 2-D, contiguous), and
+    indices are unsigned so that numba adds no negative-index wraparound (together ~20 %
+    faster than indexing the 3-D arrays).
 
     Returns:
         The number of keys written to ``sparse_out`` (which holds ``stop - start``).
     """
-    cap = pending.shape[2]
+    cap = pending.shape[1]
     s = 0
     for i in range(start, stop):
-        k = _key(values[i], from_float)
-        p = page_of[(k >> 16) + 32768]
+        v = values[i]
+        if from_float:  # order key without a branch on the sign (mixed signs mispredict)
+            sign = v >> 31
+            v = ((v & 0x7FFFFFFF) ^ sign) - sign
+        p = page_of[np.uint32((v >> 16) + 32768)]
         if p < 0:
-            sparse_out[s] = k
+            sparse_out[s] = v
             s += 1
             continue
-        c = pending_n[t, p]
-        pending[p, t, c] = k & 0xFFFF
+        pu = np.uint32(p)
+        c = pending_n[pu]
+        pending[pu, np.uint32(c)] = v & 0xFFFF
         c += 1
         if c == cap:
-            _fold(pending, hist, wraps, wrapped, p, t, cap)
+            _fold(pending, hist, wraps, wrapped, pu, cap)
             c = 0
-        pending_n[t, p] = c
+        pending_n[pu] = c
     return s
 
 
@@ -131,24 +137,24 @@ def page_totals(
     """Pixels held by every page (its histograms over all threads plus its pending ones)."""
     for p in range(out.size):
         total = 0
-        for t in range(hist.shape[1]):
+        for t in range(hist.shape[0]):
             total += pending_n[t, p]
             for low in range(65536):
-                total += hist[p, t, low]
-            if wrapped[p, t]:
+                total += hist[t, p, low]
+            if wrapped[t, p]:
                 for low in range(65536):
-                    total += np.int64(wraps[p, t, low]) << 16
+                    total += np.int64(wraps[t, p, low]) << 16
         out[p] = total
 
 
 @njit(cache=True, nogil=True)
 def fold_pending(
-    pending: Any, pending_n: Any, hist: Any, wraps: Any, wrapped: Any, t: int
+    pending: Any, pending_n: Any, hist: Any, wraps: Any, wrapped: Any
 ) -> None:  # pragma: no cover - compiled
-    """Fold thread t's pending low parts into its pages."""
-    for p in range(pending_n.shape[1]):
-        _fold(pending, hist, wraps, wrapped, p, t, pending_n[t, p])
-        pending_n[t, p] = 0
+    """Fold one thread's pending low parts into its pages (its 2-D arrays)."""
+    for p in range(pending_n.size):
+        _fold(pending, hist, wraps, wrapped, np.uint32(p), pending_n[p])
+        pending_n[p] = 0
 
 
 @njit(cache=True, nogil=True)
@@ -218,7 +224,7 @@ def rows(
     number of normal pixels in the buckets before b. A bucket's counts of all pixels come
     from its pages (summed over threads) or from its sparse keys.
     """
-    nthreads = hist.shape[1]
+    nthreads = hist.shape[0]
     cnt = np.zeros(65536, np.int64)
     wsum = np.zeros(65536, np.float64)
     allc = np.zeros(65536, np.int64)
@@ -232,10 +238,10 @@ def rows(
         if p >= 0:
             for t in range(nthreads):
                 for low in range(65536):
-                    allc[low] += hist[p, t, low]
-                if wrapped[p, t]:
+                    allc[low] += hist[t, p, low]
+                if wrapped[t, p]:
                     for low in range(65536):
-                        allc[low] += np.int64(wraps[p, t, low]) << 16
+                        allc[low] += np.int64(wraps[t, p, low]) << 16
         else:
             for i in range(sparse_starts[b], sparse_starts[b + 1]):
                 allc[sparse[i] & 0xFFFF] += 1
@@ -402,7 +408,7 @@ def bucket_metrics(
     ``mixed[q0]`` (to x = 1 for the lowest range). ``out_u[0]`` gets 2U of this range and
     ``out`` the compensated AP sum, F1-max and the compensated AUPRO area.
     """
-    nthreads = hist.shape[1]
+    nthreads = hist.shape[0]
     cnt = np.zeros(65536, np.int64)
     wsum = np.zeros(65536, np.float64)
     allc = np.zeros(65536, np.int64)
@@ -429,10 +435,10 @@ def bucket_metrics(
         if p >= 0:
             for t in range(nthreads):
                 for low in range(65536):
-                    allc[low] += hist[p, t, low]
-                if wrapped[p, t]:
+                    allc[low] += hist[t, p, low]
+                if wrapped[t, p]:
                     for low in range(65536):
-                        allc[low] += np.int64(wraps[p, t, low]) << 16
+                        allc[low] += np.int64(wraps[t, p, low]) << 16
         else:
             for i in range(sparse_starts[b], sparse_starts[b + 1]):
                 allc[sparse[i] & 0xFFFF] += 1
@@ -485,9 +491,22 @@ def _join(parent: Any, a: int, b: int) -> int:  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def count_rows(masks: Any, i0: int, i1: int, out: Any) -> None:  # pragma: no cover - compiled
+    """``out[i, r] =`` the nonzero bytes of ``masks[i, r]`` (uint8 view of the bool masks)
+    for images ``i0..i1-1``; a branch-free sum that the compiler vectorises."""
+    for i in range(i0, i1):
+        for r in range(masks.shape[1]):
+            total = 0
+            for c in range(masks.shape[2]):
+                total += masks[i, r, c]
+            out[i, r] = total
+
+
+@njit(cache=True, nogil=True)
 def label_masked(
     masks: Any,
     maps: Any,
+    row_counts: Any,
     i0: int,
     i1: int,
     offsets: Any,
@@ -509,6 +528,8 @@ def label_masked(
     Args:
         masks: (B, H, W) bool.
         maps: (B, H, W) scores.
+        row_counts: (B, H) anomalous pixels per row (:func:`count_rows`); empty rows are
+            skipped.
         offsets: (B + 1,) int64, the first output slot of every image.
     """
     h, w = masks.shape[1], masks.shape[2]
@@ -526,9 +547,16 @@ def label_masked(
             parent = np.zeros(limit, np.int32)
             final = np.zeros(limit, np.int32)
         prev[:] = 0
+        prev_clear = True
         n_labels = 0
         j = j0
         for r in range(h):
+            if row_counts[i, r] == 0:  # most rows have no anomalous pixel
+                if not prev_clear:
+                    prev[:] = 0
+                    prev_clear = True
+                continue
+            prev_clear = False
             left = 0
             for c in range(w):
                 if not masks[i, r, c]:
