@@ -334,7 +334,6 @@ class PagedStore:
         late = self._promote()  # sparse keys of buckets that have just got their pages
         self._precount = late > _PRECOUNT_AFTER * values.size
 
-
     def _scratch(self, sizes: list[int]) -> list[np.ndarray]:
         """Per-thread int32 buffers for the sparse keys of a batch, reused across batches."""
         if len(self._buffers) != len(sizes) or any(
