@@ -6,38 +6,42 @@ value seen, at O(1) work per pixel and with no comparison sort:
 
 * A pixel's int32 *order key* (``_buckets.order_keys``: same order and equality as the
   floats) splits into a *bucket* (high 16 bits) and a *low part* (low 16 bits).
-* A bucket that has received at least ``PAGE_MIN`` pixels owns a *page* per thread: a
-  65536-bin histogram of its low parts. Counts are uint16; a bin that wraps to 0 adds one
-  to the same bin of a uint32 *wraps* page (units of 65536), which is allocated lazily
-  zeroed and read only for the pages flagged as wrapped, so it costs nothing until a single
-  value is seen 65536 times by one thread. A paged pixel's low part is first appended to its
-  page's *pending* buffer, and a full buffer (``PENDING`` low parts) is folded into the
-  histogram at once: 65536 increments into one 128 KiB page stay in the CPU cache, whereas
-  incrementing the histogram once per pixel misses the cache nearly every time (~11-15 ns
-  per pixel here, against ~1 ns this way).
+* A bucket that has received at least ``page_min`` pixels (default ``PAGE_MIN_PER_THREAD``
+  x T) owns a *page* per thread: a 65536-bin histogram of its low parts. Counts are uint16;
+  a bin that wraps to 0 adds one to the same bin of a uint32 *wraps* page (units of 65536),
+  which is allocated lazily zeroed and read only for the pages flagged as wrapped, so it
+  costs nothing until a single value is seen 65536 times by one thread. A paged pixel's low
+  part is first appended to its page's *pending* buffer, and a full buffer (``PENDING`` low
+  parts) is folded into the histogram at once: 65536 increments into one 128 KiB page stay
+  in the CPU cache, whereas incrementing the histogram once per pixel misses the cache
+  nearly every time (~11-15 ns per pixel here, against ~1 ns this way).
 * Pixels of a bucket with fewer pixels are kept as raw int32 keys (*sparse*, 4 bytes per
-  pixel), so scores spread thinly over many exponents never allocate pages; at ``compute``
-  they are grouped by bucket (counting sort) and those of buckets paged meanwhile folded in.
-  So that the dense buckets do not start sparse, the first batch (and any batch after one
-  that left more than 1/16 of its pixels sparse) is counted per bucket first (~0.5 ns per
-  pixel) and the buckets that this batch brings to ``PAGE_MIN`` get pages before it is
-  stored.
+  pixel), so scores spread thinly over many exponents never allocate pages. At ``compute``
+  the sparse keys of buckets paged meanwhile go through the pages like new pixels, and the
+  rest are grouped by bucket (counting sort). So that the dense buckets do not start sparse,
+  the first batch (and a batch after one whose scores moved to new buckets) is counted per
+  bucket first (~0.5 ns per pixel), and the buckets it brings to ``page_min`` get pages
+  before it is stored.
 
 Each batch is split into T contiguous shares, one per thread (``ANOMALENS_METRIC_THREADS``,
-default: the CPU count); thread t only writes its own pages and pending buffers, so no
-locks are needed, and ``compute`` adds the T pages of a bucket up. The kernels are serial
-numba functions that release the GIL, run on a small thread pool.
+default: the CPU count); thread t only writes its own pages and pending buffers (its slices
+``hist[t]`` etc. are contiguous), so no locks are needed, and ``compute`` adds the T pages of
+a bucket up. The kernels are serial numba functions that release the GIL, run on a small
+thread pool.
 
-``compute`` walks the buckets that hold anomalous pixels (grouped by a counting sort), each
-bucket's all-pixel counts from its pages or sparse keys, and emits one row per distinct
-anomalous key with the exact normal counts below and equal: linear time, buckets split over
-the threads. The result is identical to the numpy ``BucketStore`` and to the sort path.
+``compute`` walks the buckets that hold anomalous pixels in T ranges on the threads: for each
+bucket, its all-pixel counts (pages or sparse keys) and its anomalous pixels (grouped by a
+counting sort) give one row per distinct anomalous key with the exact normal counts below and
+equal, and the rows go straight into the metric sums (descending, each range starting from
+the state above it), so they are never stored; ``rows`` stores them for the other uses. The
+counts are identical to the numpy ``BucketStore`` and to the sort path.
 
 Memory: T x (128 KiB histogram + 128 KiB pending) per paged bucket, at most ``PAGE_BUDGET``
 (2 GiB; further buckets stay sparse), plus 4 bytes per sparse pixel (and 256 KiB per page
-and thread that wrapped). The page arrays are
-allocated without numpy's huge-page advice (see :func:`no_hugepages`). Without numba (or with ``ANOMALENS_NO_NUMBA=1``) the numpy ``BucketStore`` is used:
-same results, 2 bytes per pixel, several times slower.
+and thread that wrapped). Page capacity is reserved as address space ahead of use (the OS
+zeroes memory on first touch). Large arrays are allocated without numpy's huge-page advice
+(see :func:`no_hugepages`). Without numba (or with ``ANOMALENS_NO_NUMBA=1``) the numpy
+``BucketStore`` is used: same results, 2 bytes per pixel, several times slower.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from anomalens.metrics._buckets import NUM_BUCKETS, ExactRows, GrowingArray
 
 __all__ = [
     "PAGE_BUDGET",
-    "PAGE_MIN",
+    "PAGE_MIN_PER_THREAD",
     "PENDING",
     "PagedStore",
     "available",
@@ -74,7 +78,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _OFFSET = 1 << 15
-PAGE_MIN = 1 << 16  # pixels a bucket needs before it gets its pages
+# pixels a bucket needs before it gets its pages, per thread (T pages cost T x 256 KiB, as
+# much as 65536 T sparse keys); 8192 per thread was the fastest of 2**13..2**16 on the
+# 1725-map benchmark, and used less memory than 2**16 (fewer keys waiting sparse)
+PAGE_MIN_PER_THREAD = 1 << 13
 PENDING = 1 << 16  # low parts buffered per page and thread before they are folded
 PAGE_BUDGET = 2 << 30  # bytes of pages at most (then further buckets stay sparse)
 # page capacity of the first allocation: address space only until a page is used (the OS
@@ -185,14 +192,20 @@ class PagedStore:
     """Exact counts of every int32 order key added (see the module docstring).
 
     Args:
-        page_min: pixels a bucket needs before it gets pages.
+        page_min: pixels a bucket needs before it gets pages (default
+            ``PAGE_MIN_PER_THREAD`` x threads).
         pending: low parts buffered per page and thread before a fold.
         page_budget: bytes the pages may take in all; further buckets stay sparse.
     """
 
     def __init__(
-        self, page_min: int = PAGE_MIN, pending: int = PENDING, page_budget: int = PAGE_BUDGET
+        self,
+        page_min: int | None = None,
+        pending: int = PENDING,
+        page_budget: int = PAGE_BUDGET,
     ) -> None:
+        if page_min is None:
+            page_min = PAGE_MIN_PER_THREAD * threads()
         if page_min < 1 or pending < 1 or page_budget < 0:
             raise ValueError(
                 f"page_min and pending must be >= 1 and page_budget >= 0, got {page_min}, "
