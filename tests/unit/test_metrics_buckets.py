@@ -427,3 +427,31 @@ def test_cpu_tensors_use_the_numpy_path_by_default() -> None:
     binned = PixelMetricAccumulator("binned")
     binned.update(torch.from_numpy(maps).bfloat16(), torch.from_numpy(masks))
     assert binned.num_pixels == maps.size
+
+
+@needs_numba
+def test_paged_store_counts_a_batch_first_after_the_scores_moved() -> None:
+    """The first batch is counted per bucket before it is stored (its dense buckets are paged
+    at once); a batch whose scores land in new buckets goes sparse, its buckets get pages
+    after it, and the next batch is counted first again. Counts stay exact throughout."""
+    rng = np.random.default_rng(9)
+    store = PagedStore(page_min=2000, pending=256)
+    low = order_keys((1.0 + rng.random(20_000) * 1e-3).astype(np.float32))  # a few buckets
+    store.add(low)
+    assert store.n_pages > 0 and store.sparse.size < low.size // 10  # paged from the start
+    assert not store._precount
+    high = order_keys((8.0 + rng.random(20_000) * 1e-2).astype(np.float32))  # new buckets
+    pages = store.n_pages
+    store.add(high)
+    assert store.n_pages > pages and store.sparse.size >= high.size // 2  # stored sparse
+    assert store._precount  # ... so the next batch is counted first
+    store.add(high[::2])
+    assert not store._precount
+    keys = np.concatenate([low, high, high[::2]])
+    np.testing.assert_array_equal(store.keys(), np.sort(keys))
+    rows = store.rows(high[:50], np.ones(50))
+    ref = BucketStore()
+    ref.add(keys)
+    want = ref.rows(high[:50], np.ones(50))
+    for field in ("keys", "pos", "neg_lt", "neg_eq"):
+        np.testing.assert_array_equal(getattr(rows, field), getattr(want, field))
