@@ -273,7 +273,8 @@ class PagedStore:
         t, cap, _ = self.hist.shape
         if n_pages <= cap:
             return
-        new_cap = max(n_pages, 2 * cap, _FIRST_PAGES)
+        budget = max(n_pages, self.page_budget // self.page_bytes)  # never reserve past it
+        new_cap = min(max(n_pages, 2 * cap, _FIRST_PAGES), budget)
         used = self.n_pages
         with no_hugepages():
             hist = np.zeros((t, new_cap, NUM_BUCKETS), dtype=np.uint16)
