@@ -341,3 +341,38 @@ def test_validation_errors() -> None:
         PixelMetricAccumulator("approx")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="score_range"):
         PixelMetricAccumulator("binned", score_range=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_binning_puts_every_pixel_in_the_numpy_bin(
+    dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled bin counts equal ``bincount(_fine(...))`` exactly, at bin edges too and
+    after the grid has grown (offset and shift), on one thread and on two."""
+    from anomalens.metrics import _kernels
+
+    if not _kernels.available():
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(4)
+    nb = 1000
+    first = rng.random((4, 40, 40)).astype(dtype)
+    width = (first.max() - first.min()) / (nb - 1)
+    edges = first.min() + width * rng.integers(0, nb, 20_000)  # scores on and next to edges
+    near = np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf)])
+    wide = np.concatenate([near, rng.normal(0.5, 2.0, 10_000)])  # grows the grid
+    later = wide[: wide.size // 800 * 800].reshape(-1, 20, 40).astype(dtype)
+    batches = [(first, first > 0.9), (later, later > 1.5)]
+    hists = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(PixelMetricAccumulator, "_bin_compiled", lambda self, flat: False)
+        for workers in ("1", "2"):
+            monkeypatch.setenv("ANOMALENS_METRIC_THREADS", workers)
+            acc = PixelMetricAccumulator("binned", num_bins=nb)
+            for maps, masks in batches:
+                acc.update(maps, masks)
+            assert acc._shift > 0  # the grid grew
+            hists.append(acc._all_hist.copy())
+    for h in hists[1:]:
+        np.testing.assert_array_equal(h, hists[0])
+    assert hists[0].sum() == sum(m.size for m, _ in batches)

@@ -11,6 +11,7 @@ slower per element here than the same loop in a serial kernel, even on one threa
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numba
@@ -18,6 +19,7 @@ import numpy as np
 from numba import njit
 
 __all__ = [
+    "bin_counts",
     "bucket_metrics",
     "count_buckets",
     "count_keys",
@@ -121,6 +123,21 @@ def count_buckets(
     """Add the bucket of every key of ``values[start:stop]`` to ``counts`` (65536,) int64."""
     for i in range(start, stop):
         counts[(_key(values[i], from_float) >> 16) + 32768] += 1
+
+
+@njit(cache=True, nogil=True)
+def bin_counts(
+    values: Any, start: int, stop: int, origin: Any, width: Any, offset: int, shift: int, hist: Any
+) -> None:  # pragma: no cover - compiled
+    """Binned mode: ``hist[(floor((v - origin) / width) - offset) >> shift] += 1``.
+
+    For ``values[start:stop]``, with the float operations of ``PixelMetricAccumulator._fine``
+    in the dtype of ``values`` (the caller passes ``origin`` and ``width`` of that dtype), so
+    every pixel lands in the bin the numpy path gives it.
+    """
+    for i in range(start, stop):
+        fine = np.int64(math.floor((values[i] - origin) / width))
+        hist[(fine - offset) >> shift] += 1
 
 
 @njit(cache=True, nogil=True)

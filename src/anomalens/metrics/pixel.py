@@ -30,6 +30,7 @@ with an :class:`~anomalens.metrics._curves.UndefinedMetricWarning`.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -65,6 +66,8 @@ from anomalens.metrics._kernels import (
     label_masked,
     no_hugepages,
     parallel,
+    shares,
+    threads,
 )
 from anomalens.metrics.image import as_labels, as_scores
 
@@ -310,6 +313,7 @@ class PixelMetricAccumulator:
         self._pos_hist = np.zeros(0, dtype=np.int64)
         self._region_hist = np.zeros(0, dtype=np.float64)
         self._pending: tuple[float, int, int, float] | None = None  # constant scores so far
+        self._bin_scratch: list[np.ndarray] = []  # per-thread histograms (zero between batches)
 
     @property
     def nbytes(self) -> int:
@@ -502,11 +506,40 @@ class PixelMetricAccumulator:
         f_lo, f_hi = (int(v) for v in self._fine(np.array([lo, hi]), check=True))
         self._cover(f_lo, f_hi)
         nb = self.num_bins
-        self._all_hist += np.bincount(self._fine(flat, to_bins=True), minlength=nb)
+        if not self._bin_compiled(flat):
+            self._all_hist += np.bincount(self._fine(flat, to_bins=True), minlength=nb)
         if pos_scores.size:
             pos_bins = self._fine(pos_scores, to_bins=True)
             self._pos_hist += np.bincount(pos_bins, minlength=nb)
             self._region_hist += np.bincount(pos_bins, weights=pos_w, minlength=nb)
+
+    def _bin_compiled(self, flat: np.ndarray) -> bool:
+        """Count ``flat`` into ``_all_hist`` with the compiled kernel, on the threads.
+
+        The same bins as ``bincount(_fine(flat, to_bins=True))`` (same float operations, in
+        the grid's dtype), about 4x faster. Returns False (nothing counted) without numba or
+        when the batch's dtype is not the grid's.
+        """
+        kernels = compiled()
+        if kernels is None or flat.dtype != self._grid_dtype:
+            return False
+        flat = np.ascontiguousarray(flat)
+        nb = self.num_bins
+        workers = threads() if flat.size >= 4 * nb else 1  # each extra thread adds a histogram
+        if len(self._bin_scratch) != workers - 1:
+            self._bin_scratch = [np.zeros(nb, dtype=np.int64) for _ in range(workers - 1)]
+        hists = [self._all_hist, *self._bin_scratch]
+        grid = (self._origin, self._width, self._offset, self._shift)
+        parallel(
+            [
+                functools.partial(kernels.bin_counts, flat, a, b, *grid, hists[t])
+                for t, (a, b) in enumerate(shares(flat.size, workers))
+            ]
+        )
+        for extra in self._bin_scratch:
+            self._all_hist += extra
+            extra.fill(0)
+        return True
 
     def _init_grid(self, lo: float, hi: float, data_dtype: np.dtype) -> None:
         """Fix the grid: bins of width (hi - lo) / (num_bins - 1) from lo.
