@@ -455,3 +455,33 @@ def test_paged_store_counts_a_batch_first_after_the_scores_moved() -> None:
     want = ref.rows(high[:50], np.ones(50))
     for field in ("keys", "pos", "neg_lt", "neg_eq"):
         np.testing.assert_array_equal(getattr(rows, field), getattr(want, field))
+
+
+def test_no_hugepages_restores_numpy_advice_across_threads() -> None:
+    """The process-wide numpy switch is off while any thread is inside, then restored."""
+    import threading
+
+    from anomalens.metrics._kernels import no_hugepages
+
+    toggle = getattr(getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None)
+    if toggle is None:
+        pytest.skip("this numpy has no huge-page switch")
+    before = toggle(True)
+    inside, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with no_hugepages():
+            inside.set()
+            leave.wait(10)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        with no_hugepages():
+            assert toggle(False) is False  # off while both are inside
+        assert toggle(False) is False  # still off: the other thread is inside
+    finally:
+        leave.set()
+        worker.join(10)
+    assert toggle(before) is True  # restored when the last one left

@@ -52,6 +52,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -91,23 +92,37 @@ _PRECOUNT_AFTER = 1 / 16  # count the next batch first if a batch left this shar
 # buckets that got pages right after it (the scores moved to new buckets)
 
 
+_ADVICE_LOCK = threading.Lock()
+_advice_off = 0  # callers inside no_hugepages(), all threads
+_advice_before = True  # numpy's setting before the first of them
+
+
 @contextlib.contextmanager
 def no_hugepages() -> Iterator[None]:
     """Allocate without numpy's transparent-huge-page advice.
 
     numpy advises huge pages for arrays of 4 MiB and more; where the kernel then compacts
     memory on the page fault (``defrag=madvise``) first touches of the pages cost far more
-    than the counting itself (measured here: storing a pixel went from 3.8 to 4.8 ns).
+    than the work itself (measured here: storing a pixel went from 3.8 to 4.8 ns, filling
+    10 M rows from 0.2 to 0.8 s). numpy's switch is process-wide: it is turned off while any
+    thread is inside this context and restored when the last one leaves.
     """
+    global _advice_off, _advice_before
     toggle = getattr(getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None)
     if toggle is None:  # pragma: no cover - private numpy switch gone: keep the default
         yield
         return
-    previous = toggle(False)
+    with _ADVICE_LOCK:
+        if _advice_off == 0:
+            _advice_before = bool(toggle(False))
+        _advice_off += 1
     try:
         yield
     finally:
-        toggle(previous)
+        with _ADVICE_LOCK:
+            _advice_off -= 1
+            if _advice_off == 0:
+                toggle(_advice_before)
 
 
 def _disabled() -> bool:
