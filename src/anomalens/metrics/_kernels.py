@@ -357,7 +357,7 @@ class PagedStore:
         kept = [part[:n] for part, n in zip(sparse, written, strict=True) if n]
         if kept:
             new = np.concatenate(kept) if len(kept) > 1 else kept[0]
-            self._k.count_keys(new, self.sparse_counts)
+            self._k.count_buckets(new, 0, new.size, False, self.sparse_counts)
             self.sparse.append(new)
             self._grouped = None
         late = self._promote()  # sparse keys of buckets that have just got their pages

@@ -22,7 +22,6 @@ __all__ = [
     "bin_counts",
     "bucket_metrics",
     "count_buckets",
-    "count_keys",
     "count_rows",
     "distinct",
     "fold_pending",
@@ -141,13 +140,6 @@ def bin_counts(
 
 
 @njit(cache=True, nogil=True)
-def count_keys(keys: Any, counts: Any) -> None:  # pragma: no cover - compiled
-    """Add the bucket of every int32 key to ``counts`` (65536,) int64."""
-    for i in range(keys.size):
-        counts[(keys[i] >> 16) + 32768] += 1
-
-
-@njit(cache=True, nogil=True)
 def page_totals(
     hist: Any, wraps: Any, wrapped: Any, pending_n: Any, out: Any
 ) -> None:  # pragma: no cover - compiled
@@ -213,6 +205,75 @@ def distinct(
         out[q] = d
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _bucket_work() -> Any:  # pragma: no cover - compiled
+    """Per-low scratch of :func:`_bucket_rows` (kept zero between buckets)."""
+    return np.zeros(65536, np.int64), np.zeros(65536, np.float64), np.zeros(65536, np.int64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bucket_rows(
+    b: int,
+    below: Any,
+    page_of: Any,
+    hist: Any,
+    wraps: Any,
+    wrapped: Any,
+    sparse: Any,
+    sparse_starts: Any,
+    pos_keys: Any,
+    pos_weight: Any,
+    pos_starts: Any,
+    work: Any,
+    j: int,
+    out: Any,
+) -> int:  # pragma: no cover - compiled
+    """The rows of mixed bucket b, ascending, written to ``out`` from row j on.
+
+    ``out`` is (keys, pos, lt, eq, w): one row per distinct anomalous key of the bucket with
+    its anomalous pixels, the normal pixels below and equal, and the sum of their weights.
+    ``pos_keys``/``pos_weight`` are grouped by bucket (:func:`group`); ``below[b]`` is the
+    number of normal pixels in the buckets before b. The bucket's counts of all pixels come
+    from its pages (summed over threads) or from its sparse keys. Returns the next free row.
+    """
+    cnt, wsum, allc = work
+    out_keys, out_pos, out_lt, out_eq, out_w = out
+    for i in range(pos_starts[b], pos_starts[b + 1]):
+        low = pos_keys[i] & 0xFFFF
+        cnt[low] += 1
+        wsum[low] += pos_weight[i]
+    p = page_of[b]
+    if p >= 0:
+        for t in range(hist.shape[0]):
+            for low in range(65536):
+                allc[low] += hist[t, p, low]
+            if wrapped[t, p]:
+                for low in range(65536):
+                    allc[low] += np.int64(wraps[t, p, low]) << 16
+    else:
+        for i in range(sparse_starts[b], sparse_starts[b + 1]):
+            allc[sparse[i] & 0xFFFF] += 1
+    run_all = below[b]
+    run_pos = 0
+    high = (b - 32768) << 16
+    for low in range(65536):
+        a = allc[low]
+        k = cnt[low]
+        if k > 0:
+            out_keys[j] = high | low
+            out_pos[j] = k
+            out_lt[j] = run_all - run_pos
+            out_eq[j] = a - k
+            out_w[j] = wsum[low]
+            j += 1
+            cnt[low] = 0
+            wsum[low] = 0.0
+        run_all += a
+        run_pos += k
+        allc[low] = 0
+    return j
+
+
 @njit(cache=True, nogil=True)
 def rows(
     below: Any,
@@ -235,52 +296,15 @@ def rows(
     out_eq: Any,
     out_w: Any,
 ) -> None:  # pragma: no cover - compiled
-    """Fill the rows of the mixed buckets ``mixed[q0:q1]`` from ``offsets[q]`` on.
-
-    ``pos_keys``/``pos_weight`` are grouped by bucket (:func:`group`); ``below[b]`` is the
-    number of normal pixels in the buckets before b. A bucket's counts of all pixels come
-    from its pages (summed over threads) or from its sparse keys.
-    """
-    nthreads = hist.shape[0]
-    cnt = np.zeros(65536, np.int64)
-    wsum = np.zeros(65536, np.float64)
-    allc = np.zeros(65536, np.int64)
+    """Fill the rows (:func:`_bucket_rows`) of the mixed buckets ``mixed[q0:q1]``, those of
+    bucket ``mixed[q]`` from ``offsets[q]`` on."""
+    work = _bucket_work()
+    out = (out_keys, out_pos, out_lt, out_eq, out_w)
     for q in range(q0, q1):
-        b = mixed[q]
-        for i in range(pos_starts[b], pos_starts[b + 1]):
-            low = pos_keys[i] & 0xFFFF
-            cnt[low] += 1
-            wsum[low] += pos_weight[i]
-        p = page_of[b]
-        if p >= 0:
-            for t in range(nthreads):
-                for low in range(65536):
-                    allc[low] += hist[t, p, low]
-                if wrapped[t, p]:
-                    for low in range(65536):
-                        allc[low] += np.int64(wraps[t, p, low]) << 16
-        else:
-            for i in range(sparse_starts[b], sparse_starts[b + 1]):
-                allc[sparse[i] & 0xFFFF] += 1
-        run_all = below[b]
-        run_pos = 0
-        j = offsets[q]
-        high = (b - 32768) << 16
-        for low in range(65536):
-            a = allc[low]
-            k = cnt[low]
-            if k > 0:
-                out_keys[j] = high | low
-                out_pos[j] = k
-                out_lt[j] = run_all - run_pos
-                out_eq[j] = a - k
-                out_w[j] = wsum[low]
-                j += 1
-                cnt[low] = 0
-                wsum[low] = 0.0
-            run_all += a
-            run_pos += k
-            allc[low] = 0
+        _bucket_rows(
+            mixed[q], below, page_of, hist, wraps, wrapped, sparse, sparse_starts, pos_keys,
+            pos_weight, pos_starts, work, offsets[q], out,
+        )  # fmt: skip
 
 
 # state of the one-pass metrics walk (``_step``): floats and integers
@@ -418,21 +442,22 @@ def bucket_metrics(
 ) -> None:  # pragma: no cover - compiled
     """:func:`metrics` over the rows of the mixed buckets ``mixed[q0:q1]``, never stored.
 
-    Each bucket's rows (as in :func:`rows`) go to a 65536-row scratch and are walked in
+    Each bucket's rows (:func:`_bucket_rows`) go to a 65536-row scratch and are walked in
     descending order. The walk starts from the state above ``mixed[q1 - 1]``: ``start``
     holds the anomalous pixels above, the sum of their weights and x (the share of normal
     pixels above); it ends with the horizontal PRO step down to the first key of
     ``mixed[q0]`` (to x = 1 for the lowest range). ``out_u[0]`` gets 2U of this range and
     ``out`` the compensated AP sum, F1-max and the compensated AUPRO area.
     """
-    nthreads = hist.shape[0]
-    cnt = np.zeros(65536, np.int64)
-    wsum = np.zeros(65536, np.float64)
-    allc = np.zeros(65536, np.int64)
-    r_pos = np.empty(65536, np.int64)
-    r_lt = np.empty(65536, np.int64)
-    r_eq = np.empty(65536, np.int64)
-    r_w = np.empty(65536, np.float64)
+    work = _bucket_work()
+    scratch = (
+        np.empty(65536, np.int32),
+        np.empty(65536, np.int64),
+        np.empty(65536, np.int64),
+        np.empty(65536, np.int64),
+        np.empty(65536, np.float64),
+    )
+    _, r_pos, r_lt, r_eq, r_w = scratch
     n_pos = pos_keys.size
     fs = np.zeros(8)
     fs[_F1] = -np.inf
@@ -443,39 +468,10 @@ def bucket_metrics(
     ist[_TPS] = np.int64(start[0])
     ist[_OPEN] = n_regions > 0 and n_neg > 0 and start[2] < limit
     for q in range(q1 - 1, q0 - 1, -1):
-        b = mixed[q]
-        for i in range(pos_starts[b], pos_starts[b + 1]):
-            low = pos_keys[i] & 0xFFFF
-            cnt[low] += 1
-            wsum[low] += pos_weight[i]
-        p = page_of[b]
-        if p >= 0:
-            for t in range(nthreads):
-                for low in range(65536):
-                    allc[low] += hist[t, p, low]
-                if wrapped[t, p]:
-                    for low in range(65536):
-                        allc[low] += np.int64(wraps[t, p, low]) << 16
-        else:
-            for i in range(sparse_starts[b], sparse_starts[b + 1]):
-                allc[sparse[i] & 0xFFFF] += 1
-        run_all = below[b]
-        run_pos = 0
-        m = 0
-        for low in range(65536):
-            a = allc[low]
-            k = cnt[low]
-            if k > 0:
-                r_pos[m] = k
-                r_lt[m] = run_all - run_pos
-                r_eq[m] = a - k
-                r_w[m] = wsum[low]
-                m += 1
-                cnt[low] = 0
-                wsum[low] = 0.0
-            run_all += a
-            run_pos += k
-            allc[low] = 0
+        m = _bucket_rows(
+            mixed[q], below, page_of, hist, wraps, wrapped, sparse, sparse_starts, pos_keys,
+            pos_weight, pos_starts, work, 0, scratch,
+        )  # fmt: skip
         for r in range(m - 1, -1, -1):
             _step(fs, ist, r_pos[r], r_lt[r], r_eq[r], r_w[r], n_neg, n_pos, n_regions, limit)
     x_stop = 1.0 if q0 == 0 else (n_neg - below[mixed[q0]]) / max(n_neg, 1)

@@ -662,14 +662,21 @@ class PixelMetricAccumulator:
         weight_sum = np.add.reduceat(weight, starts)
         return neg, values, counts, weight_sum
 
-    def _anomalous(self) -> tuple[np.ndarray, np.ndarray]:
-        """Bucket engine: keys (P,) int32 of the anomalous pixels and their weights 1/|R|."""
-        for name in ("_pos_region", "_region_size", "_pos"):
+    def _regions(self) -> tuple[np.ndarray, np.ndarray]:
+        """1/|R| of every region (n,) and the region of every anomalous pixel (P,)."""
+        for name in ("_pos_region", "_region_size"):
             chunks = getattr(self, name)
             if len(chunks) > 1:
                 setattr(self, name, [np.concatenate(chunks)])
         inv_size = 1.0 / np.concatenate([np.zeros(0), *self._region_size])
         region = self._pos_region[0] if self._pos_region else np.zeros(0, np.int64)
+        return inv_size, region
+
+    def _anomalous(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket engine: keys (P,) int32 of the anomalous pixels and their weights 1/|R|."""
+        if len(self._pos) > 1:
+            self._pos = [np.concatenate(self._pos)]
+        inv_size, region = self._regions()
         pos = self._pos[0] if self._pos else np.zeros(0, np.float32)
         return order_keys(pos), inv_size[region]
 
@@ -680,12 +687,7 @@ class PixelMetricAccumulator:
         if self._engine == "torch":
             import torch
 
-            for name in ("_pos_region", "_region_size"):
-                chunks = getattr(self, name)
-                if len(chunks) > 1:
-                    setattr(self, name, [np.concatenate(chunks)])
-            inv_size = 1.0 / np.concatenate([np.zeros(0), *self._region_size])
-            region = self._pos_region[0] if self._pos_region else np.zeros(0, np.int64)
+            inv_size, region = self._regions()
             device = self._neg_keys[0].device
             pos = torch.cat(self._pos) if self._pos else torch.zeros(0, device=device)
             self._pos = [pos] if self._pos else []
